@@ -1,0 +1,162 @@
+"""XTF inside TRL: `XTFSFTTrainer` and `XTFCallback` on real TRL with a tiny local model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import gsm8k_rows
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from xtf_plugin.integrations.trl import XTFCallback, XTFSFTTrainer
+
+XTF = {"drop_ratio": 0.4, "mode": "weighted"}
+
+
+def prompt_completion(n: int) -> Dataset:
+    rows = gsm8k_rows(n)
+    return Dataset.from_list([{"prompt": r["question"] + "\n", "completion": r["answer"]} for r in rows])
+
+
+def sft_config(tmp_path, **overrides) -> SFTConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        max_length=256,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+    )
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+class Recording:
+    """Records what reaches compute_loss (labels and num_items_in_batch) on a trainer class."""
+
+    def __init__(self):
+        self.batches: list[tuple[torch.Tensor, float | None]] = []
+
+    def wrap(self, base):
+        record = self.batches
+
+        class RecordingTrainer(base):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                record.append((inputs["labels"].detach().clone(), None if num_items_in_batch is None else float(num_items_in_batch)))
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        return RecordingTrainer
+
+
+def expected_rows(result) -> dict[tuple[int, ...], list[int]]:
+    scored = result.scored
+    ids = scored.per_example(scored.input_ids)
+    return {tuple(x.tolist()): lab.tolist() for x, lab in zip(ids, result.labels, strict=True)}
+
+
+def check_batches(batches, trainer, expected):
+    for labels, num_items in batches:
+        assert num_items == float((labels[..., 1:] != -100).sum())
+    # unpadded rows: every row's labels are exactly XTF's masked labels for that example
+    dataset = trainer.train_dataset
+    for row in dataset:
+        assert row["labels"] == expected[tuple(row["input_ids"])]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_xtf_sft_trainer_masks_labels(tiny_model_dir, tmp_path, cache_dir, packing):
+    recording = Recording()
+    trainer = recording.wrap(XTFSFTTrainer)(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        args=sft_config(tmp_path, packing=packing),
+        train_dataset=prompt_completion(8),
+        xtf_config=XTF,
+    )
+    result = trainer.xtf_result
+    assert result is not None and result.summary["dropped_tokens"] > 0
+    expected = expected_rows(result)
+    if not packing:
+        check_batches([], trainer, expected)
+    else:
+        # packed rows are the masked examples laid end to end
+        for row in trainer.train_dataset:
+            start = 0
+            for length in row["seq_lengths"]:
+                piece = tuple(row["input_ids"][start : start + length])
+                assert row["labels"][start : start + length] == expected[piece]
+                start += length
+    output = trainer.train()
+    assert np.isfinite(output.training_loss)
+    assert recording.batches
+    for labels, num_items in recording.batches:
+        assert num_items == float((labels[..., 1:] != -100).sum())
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all("xtf/kept_fraction" in entry for entry in logged)
+    assert logged[0]["xtf/kept_fraction"] == pytest.approx(result.summary["kept_fraction"])
+    assert "mean_token_accuracy" in logged[0]
+
+
+def test_callback_on_stock_trainer_masks_batches(tiny_model_dir, tmp_path, cache_dir):
+    recording = Recording()
+    callback = XTFCallback(XTF)
+    trainer = recording.wrap(SFTTrainer)(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        args=sft_config(tmp_path, per_device_train_batch_size=8, max_steps=2),
+        train_dataset=prompt_completion(8),
+        callbacks=[callback],
+    )
+    trainer.train()
+    expected = expected_rows(callback.xtf_result)
+    assert callback.xtf_result.summary["dropped_tokens"] > 0
+    seen = changed = 0
+    for labels, num_items in recording.batches:
+        assert num_items == float((labels[..., 1:] != -100).sum())
+    # rebuild each batch row's example from the recorded labels: the dropped positions are -100
+    unmasked = Dataset.from_list(list(trainer.train_dataset))
+    by_ids = {tuple(r["input_ids"]): r["labels"] for r in unmasked}
+    for labels, _ in recording.batches:
+        for row in labels.tolist():
+            matches = [key for key, lab in expected.items() if lab == row[: len(lab)] and set(row[len(lab) :]) <= {-100}]
+            assert matches, "a batch row does not carry XTF's masked labels"
+            changed += by_ids[matches[0]] != expected[matches[0]]
+            seen += 1
+    assert seen == 16
+    # every example with more than one response token lost some labels to XTF (one example is cut to a
+    # single response token by max_length, and XTF never masks an example's last trainable token)
+    assert changed == 14
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all("xtf/kept_fraction" in entry for entry in logged)
+
+
+def test_gradient_accumulation_is_normalised_over_kept_tokens(tiny_model_dir, tmp_path, cache_dir):
+    """One step of 1 x 4 examples and of 4 x 1 with accumulation end with the same weights."""
+    weights = []
+    for batch, accumulation in ((4, 1), (1, 4)):
+        torch.manual_seed(0)
+        trainer = XTFSFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            args=sft_config(
+                tmp_path / f"{batch}x{accumulation}",
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accumulation,
+                max_steps=1,
+                optim="sgd",
+                learning_rate=1.0,
+                lr_scheduler_type="constant",
+            ),
+            train_dataset=prompt_completion(4),
+            xtf_config=XTF,
+        )
+        trainer.train()
+        weights.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-5, rtol=0)

@@ -1,0 +1,137 @@
+"""On-disk score cache.
+
+An entry is an `.npz` file named by the SHA-256 of everything its content depends on: the model (path,
+config and a fingerprint of its weights), the tokenizer, the tokenised examples and the scorer settings.
+Selection settings are not part of any key, so changing `mode`, `weights`, `drop_ratio`, caps or `protect`
+reuses every entry and never runs the model.
+
+Writes go to a temporary file in the same folder and are moved into place with `os.replace`, so a reader
+never sees half an entry. Each entry records its own key; an entry that cannot be read (truncated, corrupt)
+or whose recorded key differs is reported with a warning, deleted and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+_SAMPLES_PER_TENSOR = 1024
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was unusable and is being recomputed."""
+
+
+def stable_hash(value: Any) -> str:
+    """SHA-256 hex of a JSON-serialisable value (keys sorted)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """Identity of a model: its path, its config and a hash of evenly spaced samples of every weight.
+
+    Sampling (1024 values per tensor, plus names, shapes and dtypes) reads a few MB even for an 8B model, and
+    any fine-tune or different checkpoint changes it.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+            flat = tensor.detach().reshape(-1)
+            if flat.numel() == 0 or flat.device.type == "meta":
+                continue
+            count = min(_SAMPLES_PER_TENSOR, flat.numel())
+            index = torch.arange(count, dtype=torch.int64) * (flat.numel() - 1) // max(1, count - 1)
+            digest.update(flat[index.to(flat.device)].to(torch.float64).cpu().numpy().tobytes())
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"):
+        config.pop(volatile, None)
+    return {
+        "name_or_path": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
+        "config": stable_hash(config),
+        "weights": digest.hexdigest(),
+    }
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of a tokenizer's vocabulary, special tokens and chat template."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return stable_hash(
+        {
+            "vocab": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+            "special": [str(t) for t in getattr(tokenizer, "all_special_tokens", [])],
+            "chat_template": getattr(tokenizer, "chat_template", None),
+        }
+    )
+
+
+def data_fingerprint(input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> str:
+    """Hash of tokenised examples (ids, labels, and where each example starts)."""
+    digest = hashlib.sha256()
+    for ids, lab in zip(input_ids, labels, strict=True):
+        digest.update(np.int64(len(ids)).tobytes())
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(lab, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+class ScoreCache:
+    """A folder of `.npz` entries, `<root>/<kind>/<key[:2]>/<key>.npz`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        """Where the entry `key` of `kind` lives."""
+        return self.root / kind / key[:2] / f"{key}.npz"
+
+    def load(self, kind: str, key: str, fields: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """The arrays of an entry, or None when it is missing or unusable (then deleted, with a warning)."""
+        path = self.path(kind, key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                meta = json.loads(bytes(archive["__meta__"]).decode())
+                if meta.get("key") != key or meta.get("version") != CACHE_FORMAT_VERSION:
+                    raise ValueError("the entry was written for different inputs")
+                arrays = {name: archive[name] for name in fields}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            warnings.warn(f"score cache entry {path} is unusable ({error}); recomputing", CacheWarning, stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
+        return arrays
+
+    def save(self, kind: str, key: str, arrays: dict[str, np.ndarray]) -> Path:
+        """Write an entry atomically and return its path."""
+        path = self.path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = np.frombuffer(json.dumps({"key": key, "version": CACHE_FORMAT_VERSION}).encode(), dtype=np.uint8)
+        handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as tmp:
+                np.savez(tmp, __meta__=meta, **arrays)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return path

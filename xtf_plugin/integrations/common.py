@@ -1,0 +1,110 @@
+"""What every toolkit adapter needs: score tokenised examples with the model about to be trained, get masked
+labels back, and the numbers to log. No TRL or axolotl imports here."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from xtf_plugin.config import ATTRIBUTES, XTFConfig
+from xtf_plugin.data import TokenizedData
+from xtf_plugin.pipeline import ScoredDataset, score_dataset
+from xtf_plugin.report.summary import summarize, summary_line
+
+logger = logging.getLogger("xtf_plugin")
+
+
+@contextlib.contextmanager
+def base_model_for_scoring(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The frozen base model inside `model`: a PEFT model with its adapters disabled (so QLoRA scores with the
+    4-bit weights it trains on, without a second copy in memory), any other model as it is."""
+    model = getattr(model, "module", model)  # DDP / accelerate wrappers
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def tokenizer_of(processing_class: Any) -> Any:
+    """The text tokenizer of a tokenizer or a multimodal processor."""
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+@dataclass
+class MaskedExamples:
+    """Result of `mask_examples`.
+
+    Attributes:
+        labels: one int64 array `[L_i]` per example, XTF's dropped tokens set to -100.
+        scored: the full `ScoredDataset` (scores, reasons, selection).
+        summary: `summarize(scored)`.
+    """
+
+    labels: list[np.ndarray]
+    scored: ScoredDataset
+    summary: dict[str, Any]
+
+    @property
+    def log_metrics(self) -> dict[str, float]:
+        """`xtf/kept_fraction` and `xtf/dropped_<attribute>` fractions, for the trainer's logs."""
+        return xtf_log_metrics(self.summary)
+
+
+def xtf_log_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Trainer log entries from a summary."""
+    metrics = {"xtf/kept_fraction": float(summary["kept_fraction"])}
+    for name in ATTRIBUTES:
+        metrics[f"xtf/dropped_{name}"] = float(summary["dropped_fraction_by_attribute"][name])
+    return metrics
+
+
+def mask_examples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]] | None,
+    config: XTFConfig,
+    progress: bool = True,
+) -> MaskedExamples:
+    """Score tokenised examples with the base model inside `model` and mask XTF's noise tokens.
+
+    Args:
+        model: the model about to be trained (plain, PEFT/LoRA or 4-bit QLoRA).
+        tokenizer: its tokenizer.
+        input_ids: one token-id sequence per example.
+        labels: matching labels (-100 on untrained tokens); None means every token is trained.
+        config: XTF settings.
+        progress: show the scoring progress bar.
+    """
+    ids = [np.asarray(x, dtype=np.int64) for x in input_ids]
+    labs = [np.asarray(x, dtype=np.int64) for x in labels] if labels is not None else [x.copy() for x in ids]
+    data = TokenizedData(ids, labs)
+    with base_model_for_scoring(model) as scorer:
+        was_training = scorer.training
+        try:
+            scored = score_dataset(scorer, tokenizer, data, config, progress=progress)
+        finally:
+            scorer.train(was_training)
+    summary = summarize(scored)
+    if _is_main_process():
+        print(summary_line(summary), file=sys.stderr, flush=True)
+    return MaskedExamples(scored.per_example(scored.filtered_labels), scored, summary)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def split_packed(values: Sequence[int], seq_lengths: Sequence[int]) -> list[list[int]]:
+    """Cut a packed row into its sequences (TRL's `seq_lengths` column)."""
+    bounds = np.cumsum([0, *seq_lengths])
+    return [list(values[int(a) : int(b)]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

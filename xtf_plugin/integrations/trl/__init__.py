@@ -1,0 +1,6 @@
+"""TRL integration: `XTFSFTTrainer`, `XTFCallback` and the `xtf sft` command."""
+
+from xtf_plugin.integrations.trl.callback import XTFCallback
+from xtf_plugin.integrations.trl.trainer import XTFSFTTrainer
+
+__all__ = ["XTFCallback", "XTFSFTTrainer"]

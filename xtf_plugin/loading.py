@@ -1,0 +1,71 @@
+"""Loading the scoring model and its tokenizer from a local folder or a hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from xtf_plugin.demo import resolve_model_path
+from xtf_plugin.errors import XTFError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a model (`demo` resolves to the demo model)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    _check_exists(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:
+        raise XTFError(f"--model {name_or_path}: cannot load a tokenizer ({type(error).__name__}: {error})") from None
+
+
+def load_model(name_or_path: str, dtype: str = "auto", load_in_4bit: bool = False, device: str | None = None) -> Any:
+    """A causal LM in eval mode for scoring.
+
+    Args:
+        name_or_path: local folder, hub name, or `demo`.
+        dtype: `auto` (bfloat16 on a GPU that supports it, else float32), `float32`, `bfloat16`, `float16`.
+        load_in_4bit: quantise to 4-bit nf4 with bitsandbytes (what QLoRA trains on).
+        device: `cpu`, `cuda`, ...; default: the first GPU if there is one.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise XTFError(f"--dtype: unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
+    path = resolve_model_path(name_or_path)
+    _check_exists(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        on_bf16_gpu = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        torch_dtype = torch.bfloat16 if on_bf16_gpu else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as error:
+        raise XTFError(f"--model {name_or_path}: cannot load the model ({type(error).__name__}: {error})") from None
+    if not load_in_4bit:
+        model.to(device)
+    return model.eval()
+
+
+def _check_exists(path: str) -> None:
+    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+    if looks_local and not Path(path).expanduser().exists():
+        raise XTFError(f"--model {path}: no such folder")

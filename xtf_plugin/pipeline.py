@@ -1,0 +1,220 @@
+"""From tokenised examples to scores, masks and reasons: the one entry point every integration calls.
+
+`score_dataset` scores (through the cache, in shards of examples so an interrupted run resumes from the
+finished shards), fills vector TR from the per-token relevance table, marks protected tokens and runs the
+selection. `reselect` re-runs only the selection for new selection settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from xtf_plugin.cache import ScoreCache, data_fingerprint, model_fingerprint, stable_hash, tokenizer_fingerprint
+from xtf_plugin.config import XTFConfig
+from xtf_plugin.data import TokenizedData
+from xtf_plugin.errors import XTFError
+from xtf_plugin.scores import TokenScores, flatten
+from xtf_plugin.scoring.engine import SCORER_VERSION, ScoringStats, score_forward
+from xtf_plugin.scoring.relevance import domain_token_groups, frequent_content_words, relevance_table
+from xtf_plugin.selection import Selection, apply_selection, select_tokens
+from xtf_plugin.tokens import TokenTexts, protected_mask, special_token_ids
+
+logger = logging.getLogger(__name__)
+
+SHARD_EXAMPLES = 256
+"""Examples per cache shard: the unit of resumption after an interruption."""
+
+
+@dataclass
+class ScoredDataset:
+    """Tokenised examples with their scores, protected tokens and current selection (all flat, see
+    `TokenScores`)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    scores: TokenScores
+    protected: np.ndarray
+    selection: Selection
+    config: XTFConfig
+    texts: TokenTexts
+    domain_words: list[str] = field(default_factory=list)
+    truncated: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def response(self) -> np.ndarray:
+        """bool `[n_tokens]`: tokens trained before XTF."""
+        return self.labels != -100
+
+    @property
+    def filtered_labels(self) -> np.ndarray:
+        """int64 `[n_tokens]`: labels with XTF's masked tokens set to -100."""
+        return apply_selection(self.labels, self.selection)
+
+    @property
+    def n_examples(self) -> int:
+        """Number of examples."""
+        return len(self.offsets) - 1
+
+    def per_example(self, flat: np.ndarray) -> list[np.ndarray]:
+        """Cut a flat `[n_tokens]` array into one array per example."""
+        return np.split(flat, self.offsets[1:-1])
+
+
+def score_dataset(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: TokenizedData,
+    config: XTFConfig,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> ScoredDataset:
+    """Score every response token, then select.
+
+    Args:
+        model: the frozen causal LM to score with (the one about to be fine-tuned).
+        tokenizer: its tokenizer.
+        data: tokenised examples.
+        config: XTF settings.
+        progress: show progress bars.
+        use_cache: read and write the score cache (`config.cache_dir`).
+    """
+    started = time.perf_counter()
+    cache = ScoreCache(config.resolved_cache_dir()) if use_cache else None
+    identity = {
+        "scorer_version": SCORER_VERSION,
+        "model": model_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    stats = ScoringStats()
+    scores, cached_shards = _forward_scores(model, data, config, cache, identity, stats, progress)
+    input_ids, offsets = flatten(data.input_ids)
+    labels, _ = flatten(data.labels)
+    response = labels != -100
+    texts = TokenTexts(tokenizer)
+    domain_words: list[str] = []
+    if config.tr_method == "vector":
+        domain_words = _fill_vector_relevance(model, tokenizer, scores, input_ids, response, texts, config, cache, identity)
+    specials = special_token_ids(tokenizer)
+    protected = np.concatenate(
+        [
+            protected_mask(input_ids[s], labels[s], texts, specials, config.protect)
+            for s in scores.example_slices()
+        ]
+    ) if scores.n_examples else np.zeros(0, bool)
+    selection = select_tokens(scores, response, protected, config)
+    n_scored = int(response.sum())
+    return ScoredDataset(
+        input_ids=input_ids,
+        labels=labels,
+        offsets=offsets,
+        scores=scores,
+        protected=protected,
+        selection=selection,
+        config=config,
+        texts=texts,
+        domain_words=domain_words,
+        truncated=data.truncated,
+        stats={
+            "scoring_seconds": round(stats.seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3),
+            "forward_passes": stats.forward_passes,
+            "tokens_scored_by_model": stats.tokens,
+            "tokens_per_second": round(stats.tokens_per_second, 1),
+            "cached_shards": cached_shards,
+            "response_tokens": n_scored,
+        },
+    )
+
+
+def reselect(scored: ScoredDataset, config: XTFConfig) -> ScoredDataset:
+    """The same scores under new selection settings (no model involved).
+
+    Raises `XTFError` if `config` changes a scorer setting, which needs re-scoring."""
+    if config.scorer_settings() != scored.config.scorer_settings() or (
+        config.tr_method == "vector" and config.relevance_settings() != scored.config.relevance_settings()
+    ):
+        raise XTFError("the new settings change scorer settings (ri_*, tr_*, max_length): score again")
+    scored.config = config
+    scored.selection = select_tokens(scored.scores, scored.response, scored.protected, config)
+    return scored
+
+
+def _forward_scores(
+    model: torch.nn.Module,
+    data: TokenizedData,
+    config: XTFConfig,
+    cache: ScoreCache | None,
+    identity: dict[str, Any],
+    stats: ScoringStats,
+    progress: bool,
+) -> tuple[TokenScores, int]:
+    """RI / KN (and prompt-gain TR) for all examples, shard by shard through the cache."""
+    settings = config.scorer_settings()
+    parts: list[TokenScores] = []
+    cached = 0
+    for start in range(0, len(data), SHARD_EXAMPLES):
+        ids = data.input_ids[start : start + SHARD_EXAMPLES]
+        labels = data.labels[start : start + SHARD_EXAMPLES]
+        key = stable_hash({"kind": "forward", **identity, "settings": settings, "data": data_fingerprint(ids, labels)})
+        lengths = [len(x) for x in ids]
+        entry = cache.load("forward", key, ("offsets", "ri", "kn", "tr")) if cache else None
+        if entry is not None and np.array_equal(np.diff(entry["offsets"]), lengths):
+            parts.append(TokenScores(entry["offsets"], entry["ri"], entry["kn"], entry["tr"]))
+            cached += 1
+            continue
+        part = score_forward(model, ids, labels, config, progress=progress, stats=stats)
+        if cache is not None:
+            cache.save("forward", key, {"offsets": part.offsets, "ri": part.ri, "kn": part.kn, "tr": part.tr})
+        parts.append(part)
+    return (TokenScores.concatenate(parts) if parts else TokenScores.empty([])), cached
+
+
+def _fill_vector_relevance(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    scores: TokenScores,
+    input_ids: np.ndarray,
+    response: np.ndarray,
+    texts: TokenTexts,
+    config: XTFConfig,
+    cache: ScoreCache | None,
+    identity: dict[str, Any],
+) -> list[str]:
+    """Fill `scores.tr` at response positions from the per-token relevance table; return the domain words."""
+    distinct = np.unique(input_ids[response])
+    if config.domain_source == "words":
+        words = list(config.tr_domain_words or [])
+    else:
+        texts.prepare(distinct.tolist())
+        response_texts = ("".join(texts[t] for t in input_ids[s][response[s]]) for s in scores.example_slices())
+        words = frequent_content_words(response_texts, config.tr_domain_top_k)
+        if not words:
+            raise XTFError("xtf.tr_domain: auto found no content words in the responses; set tr_domain_words")
+    groups = domain_token_groups(tokenizer, words)
+    key = stable_hash(
+        {
+            "kind": "relevance",
+            **identity,
+            "settings": config.relevance_settings(),
+            "groups": groups,
+            "ids": stable_hash(distinct.tolist()),
+        }
+    )
+    entry = cache.load("relevance", key, ("ids", "tr")) if cache else None
+    if entry is None or not np.array_equal(entry["ids"], distinct):
+        with torch.no_grad():
+            table = relevance_table(model, distinct, groups, config.tr_space, config.tr_center)
+        entry = {"ids": distinct, "tr": np.array([table[int(t)] for t in distinct], np.float32)}
+        if cache is not None:
+            cache.save("relevance", key, entry)
+    lookup = np.searchsorted(entry["ids"], input_ids[response])
+    scores.tr[response] = entry["tr"][lookup]
+    return words

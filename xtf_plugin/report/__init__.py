@@ -1,0 +1,1 @@
+"""Explaining a selection: summary statistics (and, later, the HTML report and token exports)."""

@@ -1,0 +1,125 @@
+"""Dataset-level statistics of a selection: how much was dropped, by which attribute, with which overlaps."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from xtf_plugin.config import ATTRIBUTES, REASON_BITS
+
+
+def reason_counts(drop: np.ndarray) -> dict[str, int]:
+    """Attribute -> number of dropped tokens whose reasons include it."""
+    return {name: int(((drop & bit) > 0).sum()) for name, bit in REASON_BITS.items()}
+
+
+def pairwise_overlaps(drop: np.ndarray) -> dict[str, int]:
+    """`a+b` -> number of dropped tokens that lack both attributes a and b."""
+    return {
+        f"{a}+{b}": int((((drop & REASON_BITS[a]) > 0) & ((drop & REASON_BITS[b]) > 0)).sum())
+        for a, b in combinations(ATTRIBUTES, 2)
+    }
+
+
+def reason_combinations(drop: np.ndarray) -> dict[str, int]:
+    """Exact reason set (e.g. `reasoning+relevance`) -> number of dropped tokens, for UpSet-style charts."""
+    counts = Counter(int(b) for b in drop[drop > 0])
+    return {
+        "+".join(name for name in ATTRIBUTES if bits & REASON_BITS[name]): count
+        for bits, count in sorted(counts.items())
+    }
+
+
+def top_dropped_tokens(
+    input_ids: np.ndarray, drop: np.ndarray, token_text: Any, limit: int = 10
+) -> dict[str, list[tuple[str, int]]]:
+    """Attribute -> the most frequently dropped token texts with counts."""
+    result = {}
+    for name, bit in REASON_BITS.items():
+        counts = Counter(input_ids[(drop & bit) > 0].tolist())
+        result[name] = [(token_text[t], n) for t, n in counts.most_common(limit)]
+    return result
+
+
+def summarize(scored: Any) -> dict[str, Any]:
+    """JSON-serialisable summary of a `ScoredDataset`."""
+    drop = scored.selection.drop
+    response = scored.response
+    n_response = int(response.sum())
+    dropped = int((drop > 0).sum())
+    per_example_response = np.add.reduceat(response, scored.offsets[:-1]) if scored.n_examples else np.zeros(0)
+    fraction = lambda count: round(count / n_response, 6) if n_response else 0.0  # noqa: E731
+    return {
+        "examples": scored.n_examples,
+        "examples_truncated": scored.truncated,
+        "examples_without_response": int((per_example_response == 0).sum()),
+        "response_tokens": n_response,
+        "dropped_tokens": dropped,
+        "dropped_fraction": fraction(dropped),
+        "kept_fraction": round(1 - fraction(dropped), 6),
+        "dropped_by_attribute": reason_counts(drop),
+        "dropped_fraction_by_attribute": {k: fraction(v) for k, v in reason_counts(drop).items()},
+        "flagged_by_attribute": reason_counts(scored.selection.flagged),
+        "pairwise_overlaps": pairwise_overlaps(drop),
+        "reason_combinations": reason_combinations(drop),
+        "protected_tokens": int(scored.protected.sum()),
+        "thresholds": scored.selection.thresholds,
+        "domain_words": list(scored.domain_words),
+        "top_dropped_tokens": {
+            k: [[text, n] for text, n in v]
+            for k, v in top_dropped_tokens(scored.input_ids, drop, scored.texts).items()
+        },
+        "mode": scored.config.mode,
+        **scored.stats,
+    }
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One log line: kept fraction, per-attribute drop fractions, top dropped tokens."""
+    by = summary["dropped_fraction_by_attribute"]
+    top = ", ".join(
+        f"{name}: {' '.join(repr(text) for text, _ in pairs[:3])}" for name, pairs in summary["top_dropped_tokens"].items() if pairs
+    )
+    return (
+        f"XTF: kept {summary['kept_fraction']:.1%} of {summary['response_tokens']} response tokens in "
+        f"{summary['examples']} examples (dropped RI {by['reasoning']:.1%}, KN {by['novelty']:.1%}, "
+        f"TR {by['relevance']:.1%}); top dropped: {top or 'none'}"
+    )
+
+
+def render_summary(summary: dict[str, Any], console: Any = None, title: str = "XTF summary") -> None:
+    """Print the summary as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows: Sequence[tuple[str, str]] = [
+        ("examples", f"{summary['examples']:,}"),
+        ("truncated to max_length", f"{summary['examples_truncated']:,}"),
+        ("response tokens", f"{summary['response_tokens']:,}"),
+        ("dropped tokens", f"{summary['dropped_tokens']:,} ({summary['dropped_fraction']:.1%})"),
+        *(
+            (f"  lacking {name}", f"{summary['dropped_by_attribute'][name]:,} ({summary['dropped_fraction_by_attribute'][name]:.1%})")
+            for name in ATTRIBUTES
+        ),
+        *((f"  overlap {k}", f"{v:,}") for k, v in summary["pairwise_overlaps"].items()),
+        ("protected tokens", f"{summary['protected_tokens']:,}"),
+        ("scoring time", f"{summary['scoring_seconds']:.1f} s ({summary['tokens_per_second']:,.0f} tok/s)"),
+        ("cached shards reused", str(summary["cached_shards"])),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    tops = Table(title="most dropped tokens", show_header=True)
+    tops.add_column("attribute")
+    tops.add_column("tokens (count)")
+    for name, pairs in summary["top_dropped_tokens"].items():
+        tops.add_row(name, "  ".join(f"{text!r} ({n})" for text, n in pairs) or "-")
+    console.print(tops)

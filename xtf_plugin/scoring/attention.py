@@ -1,0 +1,194 @@
+"""Reasoning importance (RI): the attention a token receives, read from chosen layers only.
+
+The rest of the model keeps its fast attention (SDPA / flash): while `capture_attention_received` is active,
+the model's attention function is wrapped so that, for the chosen layers, the query and key states (already
+rotary-embedded) are also turned into attention probabilities, in query chunks, and reduced at once to one
+number per key position. The full `[batch, heads, length, length]` tensor never exists, and the model is
+never asked for `output_attentions=True`.
+
+RI of token j in an example of n tokens is
+
+    RI[j] = mean over chosen layers and heads of  sum_{i=j}^{n-1} a[i, j]  /  (n - j)
+
+i.e. the mean attention j receives from the positions that can see it (itself and every later one), so that
+early tokens are not favoured merely by being visible to more queries.
+
+Attention sink: most heads park a large, query-dependent share of attention on position 0. With
+`exclude_sink=True` each row is renormalised over positions >= 1 (`a[i, j] / (1 - a[i, 0])`, computed as a
+softmax over keys >= 1), so what a token receives does not depend on how much the query dumped on the sink;
+position 0 itself gets RI 0 (it is always a prompt token and never scored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# Elements of one chunk of attention scores ([batch, heads, rows, length]); bounds scoring memory.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def resolve_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
+    """`ri_layers` -> sorted layer indices.
+
+    `middle` is the middle third of the layers (at least one), where attention is most semantic; negative
+    indices count from the end.
+    """
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "first":
+        return [0]
+    if spec == "last":
+        return [n_layers - 1]
+    if spec == "middle":
+        start, stop = n_layers // 3, max(n_layers // 3 + 1, (2 * n_layers) // 3)
+        return list(range(start, stop))
+    if not spec or any(not -n_layers <= index < n_layers for index in spec):
+        raise ValueError(f"ri_layers {list(spec)} out of range for a model with {n_layers} layers")
+    return sorted({index % n_layers for index in spec})
+
+
+def attention_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+    exclude_sink: bool,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Column sums of causal attention probabilities, averaged over heads.
+
+    Args:
+        query: `[B, H, L, D]` rotary-embedded query states.
+        key: `[B, H_kv, L, D]` rotary-embedded key states (grouped-query heads are repeated).
+        valid: bool `[B, L]`, True for real tokens (right padding).
+        scaling: the score scale (usually `D ** -0.5`).
+        exclude_sink: renormalise each row over keys >= 1.
+        softcap: tanh soft-capping of the scores, if the model uses it.
+        sliding_window: the layer's attention window, if any (query i sees keys j > i - sliding_window).
+    Returns:
+        float32 `[B, L]`: `sum_{valid i >= j} mean_h a[h, i, j]`.
+    """
+    batch, heads, length, _ = query.shape
+    key = key.float().repeat_interleave(heads // key.shape[1], dim=1)
+    query = query.float()
+    positions = torch.arange(length, device=query.device)
+    key_valid = valid[:, None, None, :]
+    received = torch.zeros(batch, length, dtype=torch.float32, device=query.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * length))
+    for start in range(0, length, rows):
+        stop = min(length, start + rows)
+        scores = torch.matmul(query[:, :, start:stop], key.transpose(-1, -2)) * scaling
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        allowed = (positions[None, :] <= positions[start:stop, None])[None, None] & key_valid
+        if sliding_window:
+            allowed = allowed & (positions[None, :] > positions[start:stop, None] - sliding_window)[None, None]
+        if exclude_sink:
+            # softmax over keys >= 1 equals a[i, j] / (1 - a[i, 0]) without the cancellation when a[i, 0] ~ 1
+            allowed = allowed & (positions > 0)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = probs * valid[:, None, start:stop, None]
+        received += probs.sum(dim=(1, 2)) / heads
+    return received
+
+
+@dataclass
+class AttentionCapture:
+    """Accumulates attention received over the chosen layers during one forward pass."""
+
+    layers: frozenset[int]
+    exclude_sink: bool
+    valid: torch.Tensor | None = None
+    received: torch.Tensor | None = None
+    layers_seen: list[int] = field(default_factory=list)
+
+    def begin(self, valid: torch.Tensor) -> None:
+        """Start a forward pass over a right-padded batch; `valid` is bool `[B, L]`."""
+        self.valid = valid
+        self.received = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+        self.layers_seen = []
+
+    def end(self) -> None:
+        """Stop observing until the next `begin` (later forward passes, e.g. prompt gain's, are not counted)."""
+        self.valid = None
+        self.received = None
+
+    def observe(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+        sliding_window: int | None = None,
+    ) -> None:
+        """Called by the wrapped attention function for a chosen layer."""
+        if self.valid is None or self.received is None:
+            return
+        valid = self.valid.to(query.device)
+        self.received += attention_received(query, key, valid, scaling, self.exclude_sink, softcap, sliding_window).to(
+            self.received.device
+        )
+        self.layers_seen.append(layer)
+
+    def result(self) -> torch.Tensor:
+        """float32 `[B, L]`: RI per position (mean over layers, per attending position); 0 on padding."""
+        if self.valid is None or self.received is None or not self.layers_seen:
+            raise RuntimeError(
+                "no attention was captured: the model does not route attention through transformers' "
+                "AttentionInterface, so RI cannot be computed (set weights.reasoning: 0 to score without it)"
+            )
+        lengths = self.valid.sum(dim=1, keepdim=True)
+        positions = torch.arange(self.valid.shape[1], device=self.valid.device)[None, :]
+        attending = (lengths - positions).clamp_min(1).float()
+        return torch.where(self.valid, self.received / len(self.layers_seen) / attending, 0.0)
+
+
+_ACTIVE: AttentionCapture | None = None
+
+
+@contextlib.contextmanager
+def capture_attention_received(model: torch.nn.Module, layers: Sequence[int], exclude_sink: bool) -> Iterator[AttentionCapture]:
+    """Wrap the model's attention implementation so that the chosen layers also report attention received.
+
+    The model's own implementation (SDPA, flash, eager) still computes every layer's output; the wrapper only
+    adds the probability computation for the chosen layers. Restored on exit.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    global _ACTIVE
+    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    mapping = AttentionInterface._global_mapping
+    had_entry = implementation in mapping
+    original = mapping.get(implementation)
+    capture = AttentionCapture(frozenset(layers), exclude_sink)
+
+    def attention_with_capture(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        active = _ACTIVE
+        layer = getattr(module, "layer_idx", None)
+        if active is not None and layer in active.layers:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            active.observe(layer, query, key, scaling, kwargs.get("softcap"), kwargs.get("sliding_window"))
+        own = original
+        if own is None:
+            # "eager" is not in the mapping: the model file's own eager function runs (it may soft-cap, etc.)
+            own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", sdpa_attention_forward)
+        return own(module, query, key, value, attention_mask, **kwargs)
+
+    mapping[implementation] = attention_with_capture
+    previous, _ACTIVE = _ACTIVE, capture
+    try:
+        yield capture
+    finally:
+        _ACTIVE = previous
+        if had_entry:
+            mapping[implementation] = original
+        else:
+            del mapping[implementation]

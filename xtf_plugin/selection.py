@@ -1,0 +1,348 @@
+"""Selection: per-token scores + `XTFConfig` -> which response tokens are masked, and why.
+
+Pure functions over numpy arrays: no model, no tokenizer. Every array is flat over the dataset (see
+`TokenScores`); `response[k]` is True where the token's label is trained (label != -100 before XTF) and
+`protected[k]` is True for tokens that must never be masked (EOS / end-of-turn, `protect` spans).
+
+Union mode (the paper, with the official code's caps):
+  * RI lacks when the score is below the example's Tukey fence `Q1 - ri_fence_k * IQR`;
+  * KN lacks when `p(token) > kn_threshold`, i.e. `kn < 1 - kn_threshold`;
+  * TR lacks when the token falls in one of `tr_mask_classes` of a Multi-Otsu fit to the TR scores of all
+    response tokens of the dataset;
+  * each attribute masks at most `floor(cap * n)` of an example's `n` response tokens (the most lacking
+    ones), the union masks at most `floor(drop_ratio * n)` (most reasons first, then most lacking).
+Weighted mode: rank-normalise each attribute (per example or dataset-wide), combine with `weights`, mask
+the lowest `drop_ratio` fraction.
+Both modes never mask a protected token and never leave an example without a trainable token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from xtf_plugin.config import ATTRIBUTES, REASON_BITS, XTFConfig
+from xtf_plugin.scores import TokenScores
+
+# All three stored scores lack their attribute at the low end (KN = 1 - p lacks novelty when p is high), so
+# "most lacking" is always "lowest score".
+_FIELD_OF = {"reasoning": "ri", "novelty": "kn", "relevance": "tr"}
+
+
+@dataclass
+class Selection:
+    """Which tokens are masked.
+
+    Attributes:
+        drop: uint8 `[n_tokens]`, reason bits of masked tokens (1 = RI, 2 = KN, 4 = TR); 0 = kept.
+        flagged: uint8 `[n_tokens]`, reason bits of every failed test, before caps and ceiling.
+        combined: float32 `[n_tokens]`, weighted mode's combined score in [0, 1] (NaN elsewhere).
+        thresholds: the thresholds actually used (JSON-serialisable), for the summary and report.
+    """
+
+    drop: np.ndarray
+    flagged: np.ndarray
+    combined: np.ndarray
+    thresholds: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def keep(self) -> np.ndarray:
+        """bool `[n_tokens]`: True where the token is not masked by XTF."""
+        return self.drop == 0
+
+
+def select_tokens(
+    scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig
+) -> Selection:
+    """Decide which response tokens to mask.
+
+    Args:
+        scores: per-token scores, `n_tokens` flat.
+        response: bool `[n_tokens]`, trained tokens before XTF.
+        protected: bool `[n_tokens]`, tokens never masked.
+        config: the selection settings.
+    Returns:
+        A `Selection`; `drop` is non-zero only where `response & ~protected`.
+    """
+    response = np.asarray(response, dtype=bool)
+    protected = np.asarray(protected, dtype=bool) & response
+    if response.shape != (scores.n_tokens,) or protected.shape != (scores.n_tokens,):
+        raise ValueError(f"response/protected must have shape ({scores.n_tokens},)")
+    if config.mode == "union":
+        selection = _select_union(scores, response, protected, config)
+    else:
+        selection = _select_weighted(scores, response, protected, config)
+    _ensure_trainable(selection, scores, response, protected, config)
+    return selection
+
+
+# ----------------------------------------------------------------------------------------------------
+# union mode
+
+
+def tukey_fence(values: np.ndarray, k: float) -> float:
+    """Lower Tukey fence `Q1 - k * (Q3 - Q1)` of the finite values (linear-interpolated quantiles)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan
+    q1, q3 = np.quantile(values, [0.25, 0.75])
+    return float(q1 - k * (q3 - q1))
+
+
+def multiotsu_thresholds(values: np.ndarray, classes: int, nbins: int = 256) -> np.ndarray | None:
+    """Multi-Otsu thresholds (ascending, `classes - 1` of them) of the finite values, or None when the
+    values are too few or too concentrated to split into `classes` classes.
+
+    Same histogram and result as `skimage.filters.threshold_multiotsu` (tested against it), found by dynamic
+    programming over the histogram's bins in O(classes * nbins^2): skimage's exhaustive search takes seconds
+    at 5 classes, and selection re-runs on every settings change.
+    """
+    values = values[np.isfinite(values)].astype(np.float64)
+    if values.size < classes or np.unique(values).size < classes:
+        return None
+    counts, edges = np.histogram(values, bins=nbins, range=(values.min(), values.max()))
+    centers = (edges[:-1] + edges[1:]) / 2
+    if np.count_nonzero(counts) < classes:
+        return None
+    # Between-class variance is, up to a constant, sum_k S_k^2 / P_k over the classes' bin ranges.
+    weight = np.concatenate([[0.0], np.cumsum(counts, dtype=np.float64)])
+    moment = np.concatenate([[0.0], np.cumsum(counts * centers)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # cost[a, b]: class made of bins a..b-1
+        mass = weight[None, :] - weight[:, None]
+        cost = np.where(mass > 0, (moment[None, :] - moment[:, None]) ** 2 / mass, -np.inf)
+    cost[np.tril_indices(nbins + 1)] = -np.inf
+    best = cost[0].copy()  # best[b]: one class covering bins 0..b-1
+    splits = []
+    for _ in range(classes - 1):
+        candidate = best[:, None] + cost  # [a, b]: previous classes end at a, next class a..b-1
+        split = np.argmax(candidate, axis=0)
+        best = candidate[split, np.arange(nbins + 1)]
+        splits.append(split)
+    end, indices = nbins, []
+    for split in reversed(splits):
+        end = int(split[end])
+        indices.append(end - 1)
+    if not np.isfinite(best[nbins]):
+        return None
+    return centers[np.array(sorted(indices))]
+
+
+def _select_union(scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig) -> Selection:
+    n = scores.n_tokens
+    enabled = config.weights.enabled()
+    flagged = np.zeros(n, np.uint8)
+    capped = np.zeros(n, np.uint8)
+    thresholds: dict[str, Any] = {"mode": "union", "kn_p_threshold": config.kn_threshold}
+
+    tr_classes_lacking = np.zeros(n, bool)
+    if enabled["relevance"]:
+        tr_values = scores.tr[response]
+        cuts = multiotsu_thresholds(tr_values, config.tr_otsu_classes)
+        thresholds["tr_otsu_thresholds"] = None if cuts is None else [float(c) for c in cuts]
+        if cuts is not None:
+            tr_class = np.digitize(scores.tr, cuts)
+            tr_classes_lacking = np.isin(tr_class, config.tr_mask_classes) & np.isfinite(scores.tr)
+
+    fences: list[float] = []
+    for part in scores.example_slices():
+        resp = response[part]
+        n_resp = int(resp.sum())
+        if n_resp == 0:
+            continue
+        candidate = resp & ~protected[part]
+        lacking: dict[str, np.ndarray] = {}
+        if enabled["reasoning"]:
+            ri = scores.ri[part]
+            if config.ri_scale == "log":
+                ri = np.log(np.maximum(ri, np.finfo(np.float32).tiny))
+            finite = resp & np.isfinite(ri)
+            if finite.sum() >= 4:
+                fence = tukey_fence(ri[finite], config.ri_fence_k)
+                fences.append(fence)
+                lacking["reasoning"] = candidate & finite & (ri < fence)
+        if enabled["novelty"]:
+            kn = scores.kn[part]
+            lacking["novelty"] = candidate & np.isfinite(kn) & (kn < 1.0 - config.kn_threshold)
+        if enabled["relevance"]:
+            lacking["relevance"] = candidate & tr_classes_lacking[part]
+        for name, mask in lacking.items():
+            bit = REASON_BITS[name]
+            flagged[part][mask] |= bit
+            cap = math.floor(getattr(config.caps, name) * n_resp)
+            chosen = _most_lacking(getattr(scores, _FIELD_OF[name])[part], mask, cap)
+            capped[part][chosen] |= bit
+        ceiling = math.floor(config.drop_ratio * n_resp)
+        capped[part] = _apply_ceiling(capped[part], scores, part, resp, ceiling, _enabled_names(config))
+
+    if fences:
+        thresholds["ri_fence"] = {
+            "k": config.ri_fence_k,
+            "scale": config.ri_scale,
+            "min": float(np.min(fences)),
+            "median": float(np.median(fences)),
+            "max": float(np.max(fences)),
+            "examples": len(fences),
+        }
+    return Selection(capped, flagged, np.full(n, np.nan, np.float32), thresholds)
+
+
+def _most_lacking(values: np.ndarray, mask: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` masked positions with the lowest values (ties: earlier position first)."""
+    index = np.flatnonzero(mask)
+    if index.size <= count:
+        return index
+    order = np.lexsort((index, values[index]))
+    return np.sort(index[order[:count]])
+
+
+def _enabled_names(config: XTFConfig) -> list[str]:
+    """The attributes with a non-zero weight, in `ATTRIBUTES` order."""
+    return [name for name, on in config.weights.enabled().items() if on]
+
+
+def _within_example_lack_rank(scores: TokenScores, part: slice, resp: np.ndarray, names: list[str]) -> np.ndarray:
+    """float `[len]`: for each token the smallest normalised rank (0 = most lacking) over the attributes
+    `names` (the enabled ones: a switched-off attribute must not decide anything), among the example's
+    response tokens."""
+    best = np.ones(part.stop - part.start, np.float64)
+    for name in names:
+        values = getattr(scores, _FIELD_OF[name])[part]
+        best = np.minimum(best, np.where(resp, _normalised_rank(values, resp), 1.0))
+    return best
+
+
+def _apply_ceiling(
+    bits: np.ndarray, scores: TokenScores, part: slice, resp: np.ndarray, ceiling: int, names: list[str]
+) -> np.ndarray:
+    """Keep at most `ceiling` dropped tokens: most reasons first, then the most lacking."""
+    dropped = np.flatnonzero(bits)
+    if dropped.size <= ceiling:
+        return bits
+    n_reasons = np.unpackbits(bits[dropped, None], axis=1).sum(axis=1).astype(np.int64)
+    lack = _within_example_lack_rank(scores, part, resp, names)[dropped]
+    order = np.lexsort((dropped, lack, -n_reasons))
+    result = np.zeros_like(bits)
+    chosen = dropped[order[:ceiling]]
+    result[chosen] = bits[chosen]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# weighted mode
+
+
+def _normalised_rank(values: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Average ranks of `values[where]` scaled to [0, 1] (0 = lowest); NaN and positions outside `where`
+    get 0.5, the neutral rank."""
+    result = np.full(values.shape, 0.5, np.float64)
+    index = np.flatnonzero(where & np.isfinite(values))
+    if index.size == 0:
+        return result
+    if index.size == 1:
+        result[index] = 0.5
+        return result
+    vals = values[index].astype(np.float64)
+    order = np.argsort(vals, kind="stable")
+    ranks = np.empty(index.size, np.float64)
+    sorted_vals = vals[order]
+    # average rank over ties, so equal scores get equal treatment
+    boundaries = np.flatnonzero(np.diff(sorted_vals)) + 1
+    starts = np.concatenate([[0], boundaries])
+    stops = np.concatenate([boundaries, [index.size]])
+    for start, stop in zip(starts, stops, strict=True):
+        ranks[order[start:stop]] = (start + stop - 1) / 2.0
+    result[index] = ranks / (index.size - 1)
+    return result
+
+
+def combined_scores(
+    scores: TokenScores, response: np.ndarray, config: XTFConfig
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Weighted mode's combined score.
+
+    Returns:
+        (combined float64 `[n_tokens]` in [0, 1], higher = more worth training; per-attribute normalised
+        ranks, attribute name -> float64 `[n_tokens]`). NaN outside `response`.
+    """
+    weights = {name: getattr(config.weights, name) for name in ATTRIBUTES}
+    total = sum(weights.values())
+    ranks: dict[str, np.ndarray] = {}
+    for name in ATTRIBUTES:
+        if weights[name] == 0:
+            continue
+        values = getattr(scores, _FIELD_OF[name])
+        if config.scope == "dataset":
+            ranks[name] = _normalised_rank(values, response)
+        else:
+            rank = np.full(scores.n_tokens, 0.5)
+            for part in scores.example_slices():
+                rank[part] = _normalised_rank(values[part], response[part])
+            ranks[name] = rank
+    combined = sum(weights[name] * rank for name, rank in ranks.items()) / total
+    combined = np.where(response, combined, np.nan)
+    return combined, ranks
+
+
+def _select_weighted(scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig) -> Selection:
+    n = scores.n_tokens
+    combined, ranks = combined_scores(scores, response, config)
+    candidate = response & ~protected
+    chosen = np.zeros(n, bool)
+    if config.scope == "dataset":
+        count = math.floor(config.drop_ratio * int(response.sum()))
+        index = np.flatnonzero(candidate)
+        order = np.lexsort((index, combined[index]))
+        chosen[index[order[:count]]] = True
+    else:
+        for part in scores.example_slices():
+            count = math.floor(config.drop_ratio * int(response[part].sum()))
+            local = _most_lacking(combined[part], candidate[part], count)
+            chosen[part.start + local] = True
+    drop = np.zeros(n, np.uint8)
+    flagged = np.zeros(n, np.uint8)
+    for name, rank in ranks.items():
+        flagged |= np.where(candidate & (rank <= config.drop_ratio), REASON_BITS[name], 0).astype(np.uint8)
+    drop[chosen] = flagged[chosen]
+    # a token dropped on the combined score alone is blamed on its weakest weighted attribute
+    unexplained = np.flatnonzero(chosen & (drop == 0))
+    if unexplained.size:
+        names = list(ranks)
+        stacked = np.stack([ranks[name][unexplained] for name in names])
+        weakest = np.argmin(stacked, axis=0)
+        drop[unexplained] = np.array([REASON_BITS[names[i]] for i in weakest], np.uint8)
+    thresholds = {"mode": "weighted", "scope": config.scope, "drop_ratio": config.drop_ratio}
+    return Selection(drop, flagged, combined.astype(np.float32), thresholds)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ensure_trainable(
+    selection: Selection, scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig
+) -> None:
+    """Un-mask the least lacking dropped token of any example that would otherwise train on nothing (weighted
+    mode: the highest combined score; union mode: the highest lack rank over the enabled attributes)."""
+    for part in scores.example_slices():
+        resp = response[part]
+        if not resp.any():
+            continue
+        drop = selection.drop[part]
+        if (resp & (drop == 0)).any():
+            continue
+        if config.mode == "weighted":
+            lack = selection.combined[part].astype(np.float64)
+        else:
+            lack = _within_example_lack_rank(scores, part, resp, _enabled_names(config))
+        dropped = np.flatnonzero(drop)
+        rescue = dropped[np.lexsort((dropped, -lack[dropped]))[0]]
+        drop[rescue] = 0
+
+
+def apply_selection(labels: np.ndarray, selection: Selection) -> np.ndarray:
+    """int64 `[n_tokens]`: `labels` with every masked token set to -100."""
+    return np.where(selection.drop > 0, -100, labels).astype(np.int64)
