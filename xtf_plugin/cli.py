@@ -2,6 +2,7 @@
 
     xtf score --model PATH_OR_NAME --data FILE_OR_DATASET --out DIR [--format ...] [--config xtf.yaml]
               [--set key=value ...] [--overwrite]
+    xtf sft --config cfg.yaml [trl sft flags ...] [--xtf KEY=VALUE ...]
     xtf demo-model [--out DIR]
 
 `--model demo` and `--data demo` use the demo model and the bundled GSM8K sample. Problems with the input are
@@ -111,6 +112,13 @@ def command_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_sft(args: argparse.Namespace) -> int:
+    """`xtf sft`: `trl sft` with an `xtf:` block, under accelerate launch."""
+    from xtf_plugin.integrations.trl.sft import launch
+
+    return launch(args.trl_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `xtf` argument parser."""
     parser = argparse.ArgumentParser(prog="xtf", description="Explainable token-level noise filtering (XTF).")
@@ -134,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     score.set_defaults(handler=command_score)
 
+    sft = commands.add_parser(
+        "sft",
+        help="trl sft with XTF: every trl sft flag and YAML key, plus an xtf: block and --xtf KEY=VALUE",
+        add_help=False,
+    )
+    sft.set_defaults(handler=command_sft)
+
     demo = commands.add_parser("demo-model", help="convert the bundled SmolLM2-135M-Instruct GGUF to a HF folder")
     demo.add_argument("--out", help="folder (default: ~/.cache/xtf_plugin/models/SmolLM2-135M-Instruct)")
     demo.add_argument("--overwrite", action="store_true")
@@ -144,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `xtf` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `xtf sft` hands everything after it to TRL's parser (argparse would reject TRL's flags).
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "sft":
+        args.trl_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:

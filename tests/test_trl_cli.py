@@ -1,0 +1,88 @@
+"""`xtf sft`: the real CLI in a subprocess (TRL's parser, accelerate launch, XTFSFTTrainer), QLoRA included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import build_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def run_xtf_sft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [str(BIN / "xtf"), "sft", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def model64(tmp_path_factory) -> Path:
+    """A tiny Llama with hidden size 64, so bitsandbytes can quantise it to 4 bits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("llama64")
+    tokenizer = build_tokenizer(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+def test_xtf_sft_trains_with_the_cpu_example(tiny_model_dir, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    result = run_xtf_sft(
+        "--config", "example_configs/trl-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(out), "--max_steps", "2", "--xtf", "drop_ratio=0.3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "XTF: kept" in log and "xtf/kept_fraction" in log
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_xtf_sft_qlora_scores_and_trains_the_4bit_model(model64, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    result = run_xtf_sft(
+        "--config", "example_configs/trl-qlora.yaml", "--model_name_or_path", str(model64),
+        "--output_dir", str(out), "--max_steps", "2", "--max_length", "256",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "XTF: kept" in log and "xtf/kept_fraction" in log
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--xtf", "drop_ratio=2"], "xtf.drop_ratio"),
+        (["--xtf", "bogus=1"], "xtf.bogus: unknown key"),
+    ],
+)
+def test_bad_xtf_setting_fails_before_training(tmp_path, extra, message):
+    result = run_xtf_sft("--config", "example_configs/trl-cpu.yaml", "--output_dir", str(tmp_path / "run"), *extra)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_key_in_the_yaml_block_names_the_file(tmp_path):
+    config = tmp_path / "cfg.yaml"
+    text = (ROOT / "example_configs" / "trl-cpu.yaml").read_text().replace("drop_ratio: 0.2", "drop_ration: 0.2")
+    config.write_text(text)
+    result = run_xtf_sft("--config", str(config))
+    assert result.returncode == 2
+    assert f"{config}: xtf.drop_ration: unknown key" in result.stderr

@@ -1,0 +1,162 @@
+"""`xtf sft`: `trl sft` with XTF token filtering.
+
+    xtf sft --config cfg.yaml [any trl sft flag ...] [--xtf KEY=VALUE ...]
+
+It accepts every key and flag `trl sft` accepts (TRL's own `TrlParser` over `ScriptArguments`, `SFTConfig`,
+`ModelConfig`, `DatasetMixtureConfig`; QLoRA with `--load_in_4bit --use_peft`), plus an `xtf:` block in the
+YAML (the same `XTFConfig` as everywhere) and `--xtf KEY=VALUE` overrides with dotted keys. Like `trl sft`, it
+runs under `accelerate launch` (unconsumed arguments such as `--num_processes 2` go to accelerate), and trains
+with `XTFSFTTrainer`, which scores the training set with the model it is about to train.
+
+The `xtf:` block is taken out of the YAML before TRL reads it: TRL forwards unknown keys to accelerate, which
+would refuse them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xtf_plugin.config import XTFConfig
+from xtf_plugin.errors import XTFError
+
+XTF_FLAG = "--xtf"
+
+
+def split_xtf_arguments(argv: list[str]) -> tuple[list[str], XTFConfig]:
+    """Separate XTF's settings from TRL's arguments.
+
+    Returns:
+        (arguments for TRL, with `--config` pointing at a copy of the YAML without its `xtf:` block;
+        the validated `XTFConfig`).
+    Raises:
+        XTFError: one line naming the file and key of a bad setting.
+    """
+    from xtf_plugin.cli import build_config
+
+    args = list(argv)
+    overrides: list[str] = []
+    while XTF_FLAG in args:
+        index = args.index(XTF_FLAG)
+        if index + 1 >= len(args):
+            raise XTFError("--xtf: expected KEY=VALUE, e.g. --xtf drop_ratio=0.1")
+        overrides.append(args[index + 1])
+        del args[index : index + 2]
+    config_file = None
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 >= len(args):
+            raise XTFError("--config: expected a YAML file")
+        config_file = args[index + 1]
+        args[index + 1] = _yaml_without_xtf(config_file)
+    xtf_config = build_config(config_file, overrides) if config_file and _has_xtf_block(config_file) else build_config(None, overrides)
+    return args, xtf_config
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise XTFError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise XTFError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
+    if not isinstance(data, dict):
+        raise XTFError(f"{path}: expected a mapping of trl sft settings")
+    return data
+
+
+def _has_xtf_block(path: str) -> bool:
+    return "xtf" in _load_yaml(path)
+
+
+def _yaml_without_xtf(path: str) -> str:
+    data = _load_yaml(path)
+    if "xtf" not in data:
+        return path
+    data.pop("xtf")
+    folder = tempfile.mkdtemp(prefix="xtf-sft-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    stripped = Path(folder) / Path(path).name
+    stripped.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(stripped)
+
+
+def make_parser():  # type: ignore[no-untyped-def]
+    """TRL's own `trl sft` parser."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig), prog="xtf sft")
+
+
+def train(script_args, training_args, model_args, dataset_args, xtf_config: XTFConfig) -> None:  # type: ignore[no-untyped-def]
+    """What `trl sft` does, with `XTFSFTTrainer`."""
+    from datasets import load_dataset
+    from trl import get_dataset, get_peft_config, get_quantization_config
+
+    from xtf_plugin.integrations.trl.trainer import XTFSFTTrainer
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    else:
+        raise XTFError("either `datasets` or `dataset_name` must be given")
+    trainer = XTFSFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+        xtf_config=xtf_config,
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+
+
+def launch(argv: list[str]) -> int:
+    """`xtf sft`: validate the arguments here (bad settings fail before anything starts), then run this module
+    under `accelerate launch` the way `trl sft` runs its script."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    trl_args, _ = split_xtf_arguments(argv)
+    parser = make_parser()
+    *_, config_remaining, cli_remaining = parser.parse_args_and_config(
+        trl_args, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = config_remaining + cli_remaining
+    script_args = [a for a in argv if a not in cli_remaining]
+    accelerate_args = launch_command_parser().parse_args([*launch_args, "--module", __name__, *script_args])
+    launch_command(accelerate_args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point inside each process started by accelerate."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    trl_args, xtf_config = split_xtf_arguments(argv)
+    script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(
+        trl_args, fail_with_unknown_args=False
+    )
+    train(script_args, training_args, model_args, dataset_args, xtf_config)
+
+
+if __name__ == "__main__":
+    main()
