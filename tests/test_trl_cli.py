@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -19,24 +18,6 @@ def run_xtf_sft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "xtf"), "sft", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
     )
-
-
-@pytest.fixture(scope="module")
-def model64(tmp_path_factory) -> Path:
-    """A tiny Llama with hidden size 64, so bitsandbytes can quantise it to 4 bits."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("llama64")
-    tokenizer = build_tokenizer(directory)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.slow
@@ -53,10 +34,10 @@ def test_xtf_sft_trains_with_the_cpu_example(tiny_model_dir, tmp_path, cache_dir
 
 
 @pytest.mark.slow
-def test_xtf_sft_qlora_scores_and_trains_the_4bit_model(model64, tmp_path, cache_dir):
+def test_xtf_sft_qlora_scores_and_trains_the_4bit_model(model64_dir, tmp_path, cache_dir):
     out = tmp_path / "run"
     result = run_xtf_sft(
-        "--config", "example_configs/trl-qlora.yaml", "--model_name_or_path", str(model64),
+        "--config", "example_configs/trl-qlora.yaml", "--model_name_or_path", str(model64_dir),
         "--output_dir", str(out), "--max_steps", "2", "--max_length", "256",
     )
     assert result.returncode == 0, result.stderr[-3000:]

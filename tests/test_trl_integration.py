@@ -160,3 +160,90 @@ def test_gradient_accumulation_is_normalised_over_kept_tokens(tiny_model_dir, tm
         trainer.train()
         weights.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
     torch.testing.assert_close(weights[0], weights[1], atol=1e-5, rtol=0)
+
+
+def test_xtf_sft_trainer_scores_a_4bit_qlora_model_with_its_base_weights(model64_dir, tmp_path, cache_dir):
+    """QLoRA: the trainer's own 4-bit model scores (adapters disabled), then LoRA trains on the kept tokens."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from xtf_plugin.integrations.common import mask_examples
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model64_dir, quantization_config=quantization, device_map={"": "cpu"})
+    trainer = XTFSFTTrainer(
+        model=model,
+        processing_class=AutoTokenizer.from_pretrained(model64_dir),
+        args=sft_config(tmp_path, max_steps=2),
+        train_dataset=prompt_completion(6),
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        xtf_config=XTF,
+    )
+    assert type(trainer.model.get_decoder().layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    result = trainer.xtf_result
+    # after changing the adapter, scoring still gives the base model's scores: the adapter is disabled
+    with torch.no_grad():
+        for module in trainer.model.modules():
+            if hasattr(module, "lora_B"):
+                for weight in module.lora_B.values():
+                    weight.weight.add_(0.5)  # an adapter that would change every score if it were active
+    again = mask_examples(trainer.model, trainer.processing_class, result.scored.per_example(result.scored.input_ids),
+                          result.scored.per_example(result.scored.labels), trainer.xtf_config, progress=False)
+    from xtf_plugin.scoring.engine import score_forward
+
+    active = score_forward(trainer.model, result.scored.per_example(result.scored.input_ids),
+                           result.scored.per_example(result.scored.labels), trainer.xtf_config, progress=False)
+
+    def drift(scores):
+        return max(np.nanmax(np.abs(scores.kn - result.scored.scores.kn)), np.nanmax(np.abs(scores.ri - result.scored.scores.ri)))
+
+    # rescoring the same trainer's model drifts by ~5e-5 (bitsandbytes' CPU kernel), far below what the
+    # active adapter does to the scores
+    assert drift(again.scored.scores) < 0.05 * drift(active)
+    output = trainer.train()
+    assert np.isfinite(output.training_loss)
+
+
+def test_soft_mode_weights_each_token_loss(tiny_model_dir, tmp_path, cache_dir):
+    """weighted + soft: no label is dropped; the loss is sum(weight * nll) / trained tokens."""
+    from xtf_plugin.errors import XTFError
+
+    recording = Recording()
+    trainer = recording.wrap(XTFSFTTrainer)(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        args=sft_config(tmp_path, max_steps=1, per_device_train_batch_size=4),
+        train_dataset=prompt_completion(4),
+        xtf_config={"mode": "weighted", "soft": True},
+    )
+    scored = trainer.xtf_result.scored
+    row = trainer.train_dataset[0]
+    assert row["labels"] == scored.per_example(scored.labels)[0].tolist()  # nothing dropped
+    weights = np.array(row["xtf_weight"])
+    response = np.array(row["labels"]) != -100
+    assert (weights[~response] == 0).all() and (weights[response] > 0).all() and (weights <= 1).all()
+    assert len(set(weights[response].round(6))) > 3  # real per-token weights, not a constant
+    # the loss of one batch by hand: weighted nll over the trained-token count
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        nll = -logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]
+        expected = (nll * batch["xtf_weight"][:, 1:].double() * mask).sum() / mask.sum()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=mask.sum())
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    model.train()
+    trainer.train()
+    assert recording.batches
+
+    with pytest.raises(XTFError, match="packing"):
+        XTFSFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            args=sft_config(tmp_path / "packed", packing=True),
+            train_dataset=prompt_completion(4),
+            xtf_config={"mode": "weighted", "soft": True},
+        )

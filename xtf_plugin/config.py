@@ -79,6 +79,11 @@ class XTFConfig(_Strict):
     scope: Literal["example", "dataset"] = Field(
         "example", description="weighted mode: rank and drop per example or across the whole dataset."
     )
+    soft: bool = Field(
+        False,
+        description="weighted mode, XTFSFTTrainer only: weight each response token's loss by its combined score "
+        "(in [0, 1]) instead of dropping tokens; not with packing or padding-free batches.",
+    )
     caps: AttributeCaps = Field(default_factory=AttributeCaps, description="Union mode per-attribute caps.")
     kn_threshold: float = Field(
         0.95, gt=0, le=1, description="KN: a token lacks novelty when the model's p(token) exceeds this."
@@ -95,9 +100,10 @@ class XTFConfig(_Strict):
         5, ge=2, le=8, description="TR: number of Multi-Otsu classes fitted to the dataset's TR scores."
     )
     tr_mask_classes: list[int] = Field(
-        default_factory=lambda: [1],
-        description="TR: Multi-Otsu classes (0 = lowest) whose tokens lack relevance; the paper masks the "
-        "second-lowest class only.",
+        default_factory=lambda: [0, 1],
+        description="TR: Multi-Otsu classes (0 = lowest) whose tokens lack relevance. The paper masks only the "
+        "second-lowest ([1]) because its lowest class held whitespace symbols; with centred vectors the lowest "
+        "class is where off-task tokens land (benchmarks/results/tr_variants.json).",
     )
     protect: list[str] = Field(
         default_factory=list,
@@ -175,6 +181,8 @@ class XTFConfig(_Strict):
             raise ValueError("tr_domain is 'words' but tr_domain_words is empty")
         if self.tr_domain == "auto" and self.tr_domain_words:
             raise ValueError("tr_domain is 'auto' but tr_domain_words is set: remove one of them")
+        if self.soft and self.mode != "weighted":
+            raise ValueError("soft: true needs mode: weighted")
         return self
 
     # --- derived views ----------------------------------------------------------------------------

@@ -100,6 +100,38 @@ def mask_examples(
     return MaskedExamples(scored.per_example(scored.filtered_labels), scored, summary)
 
 
+def soft_weights(scored: ScoredDataset) -> list[np.ndarray]:
+    """Per-token loss weights of weighted soft mode, one float32 array `[L_i]` per example: the combined score
+    on response tokens, 1 on protected ones (EOS, `protect` spans), 0 where the label is -100."""
+    weights = np.nan_to_num(scored.selection.combined, nan=0.0).astype(np.float32)
+    weights[scored.protected] = 1.0
+    weights[~scored.response] = 0.0
+    return scored.per_example(weights)
+
+
+def weighted_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, num_items_in_batch: Any = None
+) -> torch.Tensor:
+    """Sum of per-token cross-entropy times weight, over the number of trained tokens.
+
+    Args:
+        logits: `[B, L, V]`.
+        labels: int64 `[B, L]`, -100 where not trained.
+        weights: float `[B, L]`, aligned with `labels`.
+        num_items_in_batch: trained tokens over all gradient-accumulation micro-batches (as the HF trainer
+            counts them), so the scale matches the plain loss; default: this batch's count.
+    Returns:
+        A scalar loss.
+    """
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    total = (nll * weights[:, 1:].to(nll.dtype)).sum()
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    return total / torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1)
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 

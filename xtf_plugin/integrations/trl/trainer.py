@@ -10,17 +10,49 @@ Order of work inside `__init__`:
 2. the model TRL built (plain, LoRA or 4-bit QLoRA) scores it under `disable_adapter()`, through the score
    cache; on several processes the main process scores first and the others read the cache;
 3. dropped response tokens get label -100, and TRL's own packing runs on the masked dataset.
+
+Soft mode (`mode: weighted`, `soft: true`, beyond the paper): nothing is dropped; each token's loss is weighted
+by its combined score, carried in an `xtf_weight` column that a collator wrapper pads. TRL's packing keeps only
+`input_ids` and `labels`, and padding-free batches refuse custom collators, so soft mode refuses both; its loss
+is computed from the logits (TRL's own loss path and its entropy / token-accuracy metrics are bypassed).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from accelerate import PartialState
 from trl import SFTTrainer
 
 from xtf_plugin.config import XTFConfig, load_xtf_config
-from xtf_plugin.integrations.common import MaskedExamples, mask_examples, tokenizer_of
+from xtf_plugin.errors import XTFError
+from xtf_plugin.integrations.common import (
+    MaskedExamples,
+    mask_examples,
+    soft_weights,
+    tokenizer_of,
+    weighted_token_loss,
+)
+
+WEIGHT_COLUMN = "xtf_weight"
+
+
+class SoftWeightCollator:
+    """Wraps a collator: takes `xtf_weight` out of the features, collates the rest, then pads the weights with
+    0 to the labels' `[B, L]` (right padding, as TRL's collator pads)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        weights = [torch.as_tensor(f[WEIGHT_COLUMN], dtype=torch.float32) for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != WEIGHT_COLUMN} for f in features])
+        padded = torch.zeros(batch["labels"].shape, dtype=torch.float32)
+        for row, weight in enumerate(weights):
+            padded[row, : len(weight)] = weight[: padded.shape[1]]
+        batch[WEIGHT_COLUMN] = padded
+        return batch
 
 
 def coerce_xtf_config(value: XTFConfig | dict[str, Any] | None) -> XTFConfig:
@@ -47,8 +79,15 @@ class XTFSFTTrainer(SFTTrainer):
         self._xtf_postponed_packing = False
         self.xtf_result: MaskedExamples | None = None
         super().__init__(*args, **kwargs)
+        if self.xtf_config.soft and (self.args.packing or self.args.padding_free):
+            raise XTFError(
+                "xtf.soft: per-token weights cannot go through packing or padding-free batches; "
+                "set packing: false and padding_free: false, or soft: false"
+            )
         if self.train_dataset is not None:
             self.train_dataset = self._xtf_mask_train_dataset(self.train_dataset)
+        if self.xtf_config.soft:
+            self.data_collator = SoftWeightCollator(self.data_collator)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):  # type: ignore[no-untyped-def]
         if dataset_name == "train" and packing:
@@ -68,6 +107,11 @@ class XTFSFTTrainer(SFTTrainer):
                 self.xtf_config,
                 progress=self.is_world_process_zero(),
             )
+        if self.xtf_config.soft:
+            weights = [row.tolist() for row in soft_weights(self.xtf_result.scored)]
+            if labels is None:
+                dataset = dataset.add_column("labels", [row.tolist() for row in self.xtf_result.scored.per_example(self.xtf_result.scored.labels)])
+            return dataset.add_column(WEIGHT_COLUMN, weights)
         masked = [row.tolist() for row in self.xtf_result.labels]
         dataset = dataset.remove_columns("labels") if labels is not None else dataset
         dataset = dataset.add_column("labels", masked)
@@ -76,6 +120,23 @@ class XTFSFTTrainer(SFTTrainer):
                 self, dataset, self.processing_class, self.args, True, None, "train"
             )
         return dataset
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.xtf_config.soft and WEIGHT_COLUMN not in self._signature_columns:
+            self._signature_columns.append(WEIGHT_COLUMN)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        """Soft mode: per-token weighted cross-entropy over trained tokens; otherwise TRL's own loss."""
+        if WEIGHT_COLUMN not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        weights = inputs.pop(WEIGHT_COLUMN)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        loss = weighted_token_loss(outputs.logits, labels, weights, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the XTF fractions to every training log (so they reach W&B, TensorBoard, the console)."""
