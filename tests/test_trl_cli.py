@@ -67,3 +67,10 @@ def test_bad_key_in_the_yaml_block_names_the_file(tmp_path):
     result = run_xtf_sft("--config", str(config))
     assert result.returncode == 2
     assert f"{config}: xtf.drop_ration: unknown key" in result.stderr
+
+
+def test_accelerate_arguments_are_removed_where_they_occur():
+    from xtf_plugin.integrations.trl.sft import _without_subsequence
+
+    argv = ["--config", "c.yaml", "--max_steps", "2", "--num_processes", "2", "--lora_r", "2"]
+    assert _without_subsequence(argv, ["--num_processes", "2"]) == ["--config", "c.yaml", "--max_steps", "2", "--lora_r", "2"]

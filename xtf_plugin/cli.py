@@ -39,6 +39,22 @@ def parse_set_option(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_yaml_mapping(config_file: str, what: str = "settings") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; one-line errors name the file (and the line of a syntax error)."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise XTFError(f"--config {config_file}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise XTFError(f"{config_file}{line}: invalid YAML") from None
+    if not isinstance(loaded, dict):
+        raise XTFError(f"{config_file}: expected a mapping of {what}")
+    return loaded
+
+
 def build_config(config_file: str | None, overrides: list[str]) -> Any:
     """`XTFConfig` from an optional YAML file (its `xtf:` block, or the whole file) plus `--set` overrides."""
     from xtf_plugin.config import load_xtf_config
@@ -46,19 +62,8 @@ def build_config(config_file: str | None, overrides: list[str]) -> Any:
     data: dict[str, Any] = {}
     source = "xtf"
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise XTFError(f"--config {config_file}: no such file")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise XTFError(f"{config_file}{line}: invalid YAML") from None
-        if not isinstance(loaded, dict):
-            raise XTFError(f"{config_file}: expected a mapping of xtf settings")
-        data = loaded.get("xtf", loaded) if "xtf" in loaded else loaded
-        data = dict(data or {})
+        loaded = read_yaml_mapping(config_file, "xtf settings")
+        data = dict(loaded.get("xtf", loaded) or {})
         source = f"{config_file}: xtf"
     for item in overrides:
         keys, value = parse_set_option(item)

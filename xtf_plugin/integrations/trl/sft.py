@@ -17,13 +17,14 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from xtf_plugin.cli import build_config, read_yaml_mapping
 from xtf_plugin.config import XTFConfig
 from xtf_plugin.errors import XTFError
 
@@ -39,8 +40,6 @@ def split_xtf_arguments(argv: list[str]) -> tuple[list[str], XTFConfig]:
     Raises:
         XTFError: one line naming the file and key of a bad setting.
     """
-    from xtf_plugin.cli import build_config
-
     args = list(argv)
     overrides: list[str] = []
     while XTF_FLAG in args:
@@ -60,26 +59,12 @@ def split_xtf_arguments(argv: list[str]) -> tuple[list[str], XTFConfig]:
     return args, xtf_config
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise XTFError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise XTFError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
-    if not isinstance(data, dict):
-        raise XTFError(f"{path}: expected a mapping of trl sft settings")
-    return data
-
-
 def _has_xtf_block(path: str) -> bool:
-    return "xtf" in _load_yaml(path)
+    return "xtf" in read_yaml_mapping(path, "trl sft settings")
 
 
 def _yaml_without_xtf(path: str) -> str:
-    data = _load_yaml(path)
+    data = read_yaml_mapping(path, "trl sft settings")
     if "xtf" not in data:
         return path
     data.pop("xtf")
@@ -141,10 +126,26 @@ def launch(argv: list[str]) -> int:
         trl_args, return_remaining_strings=True, separate_remaining_strings=True
     )
     launch_args = config_remaining + cli_remaining
-    script_args = [a for a in argv if a not in cli_remaining]
+    script_args = _without_subsequence(argv, cli_remaining)
     accelerate_args = launch_command_parser().parse_args([*launch_args, "--module", __name__, *script_args])
-    launch_command(accelerate_args)
+    try:
+        launch_command(accelerate_args)
+    except subprocess.CalledProcessError as error:
+        # the training processes have printed their own error already
+        return error.returncode or 1
     return 0
+
+
+def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """`items` without the ordered `subsequence` (the arguments accelerate consumes, e.g. `--num_processes 2`,
+    removed where they occur, not wherever an equal string occurs)."""
+    result, pending = [], list(subsequence)
+    for item in items:
+        if pending and item == pending[0]:
+            pending.pop(0)
+        else:
+            result.append(item)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
