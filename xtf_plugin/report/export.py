@@ -1,0 +1,50 @@
+"""`xtf report --tokens`: one JSON line per token of every example, with its text, scores and reasons."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from xtf_plugin.report.load import ScoredDir
+from xtf_plugin.report.stats import reason_names
+
+
+def _score(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 6)
+
+
+def write_tokens_jsonl(scored: ScoredDir, path: str | Path) -> int:
+    """Write `{"example", "position", "token", "ri", "kn", "tr", "reasons", "kept"}` per token (scores `null`
+    where unscored, `reasons` the attribute names that dropped it, `kept` false for dropped tokens); returns
+    the number of rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [reason_names(b) for b in range(8)]
+    ri, kn, tr = scored.ri.tolist(), scored.kn.tolist(), scored.tr.tolist()
+    ids, drop = scored.input_ids.tolist(), scored.drop.tolist()
+    rows = 0
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(scored.n_examples):
+            start, stop = int(scored.offsets[i]), int(scored.offsets[i + 1])
+            lines = []
+            for k in range(start, stop):
+                bits = drop[k]
+                lines.append(
+                    json.dumps(
+                        {
+                            "example": i,
+                            "position": k - start,
+                            "token": scored.texts[ids[k]],
+                            "ri": _score(ri[k]),
+                            "kn": _score(kn[k]),
+                            "tr": _score(tr[k]),
+                            "reasons": names[bits & 7],
+                            "kept": bits == 0,
+                        },
+                        ensure_ascii=False,
+                    )
+                )
+            handle.write("\n".join(lines) + ("\n" if lines else ""))
+            rows += len(lines)
+    return rows

@@ -1,0 +1,71 @@
+"""`xtf report DIR`: the summary tables and, with `--examples N`, examples with their dropped tokens marked:
+coloured on a terminal, `[[token]](KN)` brackets with the reasons' abbreviations otherwise."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from xtf_plugin.report.load import ScoredDir
+from xtf_plugin.report.stats import SHORT_NAMES, reason_names
+
+STYLES: dict[str, str] = {"reasoning": "black on red", "novelty": "black on blue", "relevance": "black on green"}
+SEVERAL_STYLE = "black on yellow"
+
+
+def reasons_label(bits: int) -> str:
+    """`6` -> `KN+TR`."""
+    return "+".join(SHORT_NAMES[n] for n in reason_names(bits))
+
+
+def marked_text(scored: ScoredDir, index: int) -> str:
+    """The response of example `index` with each dropped token as `[[token]](KN)`."""
+    part = scored.example_slice(index)
+    response = scored.response[part]
+    pieces = []
+    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.drop[part].tolist(), response.tolist(), strict=True):
+        if not trained:
+            continue
+        text = scored.texts[token_id]
+        pieces.append(f"[[{text}]]({reasons_label(bits)})" if bits else text)
+    return "".join(pieces)
+
+
+def styled_text(scored: ScoredDir, index: int) -> Any:
+    """The response of example `index` as a rich `Text`, dropped tokens coloured by reason."""
+    from rich.text import Text
+
+    part = scored.example_slice(index)
+    text = Text()
+    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.drop[part].tolist(), scored.response[part].tolist(), strict=True):
+        if not trained:
+            continue
+        names = reason_names(bits)
+        style = "" if not names else STYLES[names[0]] if len(names) == 1 else SEVERAL_STYLE
+        text.append(scored.texts[token_id], style=style)
+    return text
+
+
+def print_examples(scored: ScoredDir, count: int, console: Any = None) -> None:
+    """Print the first `count` examples with their dropped tokens marked."""
+    from rich.console import Console
+
+    console = console or Console()
+    count = min(count, scored.n_examples)
+    tty = console.is_terminal
+    legend = "dropped tokens: " + ", ".join(f"{SHORT_NAMES[n]} = lacking {n}" for n in SHORT_NAMES)
+    if tty:
+        console.print(legend + " (colours: RI red, KN blue, TR green, several yellow)")
+    else:
+        print(legend + "; marked [[token]](reasons)", file=console.file)
+    for i in range(count):
+        part = scored.example_slice(i)
+        n_resp = int(scored.response[part].sum())
+        n_drop = int((scored.drop[part] > 0).sum())
+        head = f"--- example {i}: {n_resp} response tokens, {n_drop} dropped"
+        if tty:
+            console.rule(head.strip("- "))
+            console.print(styled_text(scored, i))
+        else:
+            print(head, file=console.file or sys.stdout)
+            print(marked_text(scored, i), file=console.file or sys.stdout)
