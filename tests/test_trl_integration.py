@@ -102,6 +102,8 @@ def test_xtf_sft_trainer_masks_labels(tiny_model_dir, tmp_path, cache_dir, packi
     assert logged and all("xtf/kept_fraction" in entry for entry in logged)
     assert logged[0]["xtf/kept_fraction"] == pytest.approx(result.summary["kept_fraction"])
     assert "mean_token_accuracy" in logged[0]
+    report = (tmp_path / "run" / "xtf_report.html").read_text()
+    assert "<svg" in report and str(result.summary["dropped_tokens"]) in report.replace(",", "")
 
 
 def test_callback_on_stock_trainer_masks_batches(tiny_model_dir, tmp_path, cache_dir):
@@ -135,6 +137,7 @@ def test_callback_on_stock_trainer_masks_batches(tiny_model_dir, tmp_path, cache
     assert changed == 14
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all("xtf/kept_fraction" in entry for entry in logged)
+    assert "<svg" in (tmp_path / "run" / "xtf_report.html").read_text()
 
 
 def test_gradient_accumulation_is_normalised_over_kept_tokens(tiny_model_dir, tmp_path, cache_dir):

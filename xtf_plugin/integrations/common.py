@@ -132,6 +132,25 @@ def weighted_token_loss(
     return total / torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1)
 
 
+REPORT_FILE = "xtf_report.html"
+
+
+def write_training_report(result: MaskedExamples, output_dir: str | None) -> str | None:
+    """Write the HTML report of the training set into the run's output folder (main process only); returns
+    its path."""
+    if not output_dir or not _is_main_process():
+        return None
+    from pathlib import Path
+
+    from xtf_plugin.report.html import write_html
+    from xtf_plugin.report.load import scored_dir_from_dataset
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    path = write_html(scored_dir_from_dataset(result.scored, result.summary, output_dir), Path(output_dir) / REPORT_FILE)
+    print(f"XTF: report of the training set written to {path}", file=sys.stderr, flush=True)
+    return str(path)
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 

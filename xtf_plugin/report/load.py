@@ -105,3 +105,23 @@ def attach_texts(scored: ScoredDir, model: str | None = None) -> ScoredDir:
     texts.prepare(ids)
     scored.texts = {int(t): texts[t] for t in ids}
     return scored
+
+
+def scored_dir_from_dataset(scored: Any, summary: dict[str, Any], path: str | Path = ".") -> ScoredDir:
+    """A `ScoredDir` straight from a freshly scored `ScoredDataset` (as the trainers hold it), texts included,
+    so a report can be written without going through the parquet."""
+    ids = np.unique(scored.input_ids).tolist()
+    scored.texts.prepare(ids)
+    return ScoredDir(
+        path=Path(path),
+        summary=summary,
+        config=scored.config.model_dump(mode="json"),
+        input_ids=scored.input_ids,
+        labels=scored.filtered_labels,
+        offsets=scored.offsets,
+        ri=scored.scores.ri,
+        kn=scored.scores.kn,
+        tr=scored.scores.tr,
+        drop=scored.selection.drop,
+        texts={int(t): scored.texts[t] for t in ids},
+    )

@@ -24,7 +24,13 @@ from transformers import TrainerCallback
 
 from xtf_plugin.config import XTFConfig
 from xtf_plugin.errors import XTFError
-from xtf_plugin.integrations.common import MaskedExamples, mask_examples, split_packed, tokenizer_of
+from xtf_plugin.integrations.common import (
+    MaskedExamples,
+    mask_examples,
+    split_packed,
+    tokenizer_of,
+    write_training_report,
+)
 from xtf_plugin.integrations.trl.trainer import coerce_xtf_config
 
 
@@ -73,6 +79,7 @@ class XTFCallback(TrainerCallback):
         self.xtf_result = mask_examples(
             model, tokenizer_of(processing_class), ids, labels, self.xtf_config, progress=state.is_world_process_zero
         )
+        write_training_report(self.xtf_result, args.output_dir)
         masked_iter = iter(self.xtf_result.labels)
         masked: dict[bytes, list[int]] = {}
         for row_ids, seq_lengths in zip(rows_ids, lengths, strict=True):

@@ -33,6 +33,7 @@ from xtf_plugin.integrations.common import (
     soft_weights,
     tokenizer_of,
     weighted_token_loss,
+    write_training_report,
 )
 
 WEIGHT_COLUMN = "xtf_weight"
@@ -107,6 +108,7 @@ class XTFSFTTrainer(SFTTrainer):
                 self.xtf_config,
                 progress=self.is_world_process_zero(),
             )
+        write_training_report(self.xtf_result, self.args.output_dir)
         if self.xtf_config.soft:
             weights = [row.tolist() for row in soft_weights(self.xtf_result.scored)]
             if labels is None:
