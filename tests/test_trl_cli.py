@@ -14,7 +14,8 @@ BIN = Path(sys.executable).parent
 
 
 def run_xtf_sft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+    # PYTHONPATH: the processes import this checkout, whatever checkout the environment's editable install names
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [str(BIN / "xtf"), "sft", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
     )
