@@ -1,7 +1,8 @@
 """xtf_plugin: explainable token-level noise filtering (XTF, arXiv 2602.14536) for axolotl and TRL.
 
-The core (`XTFConfig`, scoring, selection, cache) needs only transformers. The TRL classes are imported on
-first use, so `import xtf_plugin` stays light and works without TRL installed.
+The core (`XTFConfig`, scoring, selection, cache) needs only transformers. The TRL classes and the axolotl
+plugin are imported on first use, so `import xtf_plugin` stays light and works without TRL or axolotl installed
+(axolotl's `plugins: [xtf_plugin.XTFPlugin]` imports `xtf_plugin`, then reads `XTFPlugin` from it).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from typing import Any
 from xtf_plugin.config import XTFConfig
 
 __version__ = "0.1.0"
-__all__ = ["XTFCallback", "XTFConfig", "XTFSFTTrainer", "__version__"]
+__all__ = ["XTFCallback", "XTFConfig", "XTFPlugin", "XTFSFTTrainer", "__version__"]
 
 _LAZY = {
     "XTFSFTTrainer": "xtf_plugin.integrations.trl",
     "XTFCallback": "xtf_plugin.integrations.trl",
+    "XTFPlugin": "xtf_plugin.integrations.axolotl",
 }
 
 

@@ -1,0 +1,186 @@
+"""Scoring axolotl's prepared training set and writing XTF's mask into its `labels` column.
+
+Called from `XTFPlugin.load_datasets`, after axolotl's own loader has tokenised (or reloaded from
+`dataset_prepared_path`) the datasets and before the training model is loaded. Every row of the prepared
+training set is one example (with `sample_packing` too: packing happens later, in the sampler and collator),
+so each row is scored as it is and only its `labels` change.
+
+Memory: the scoring model is the base model loaded here, on its own, *before* the training model exists, and
+it is freed (`del`, `gc.collect()`, `torch.cuda.empty_cache()`) before this function returns. Peak memory is
+therefore one model, never two: the scoring model (4-bit when `load_in_4bit: true`, so QLoRA scores the
+weights it trains on) or, later, the training model. The price is loading the base model twice per run; when
+every score is in the cache the first load only fingerprints the weights (no forward pass).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from xtf_plugin.config import XTFConfig, load_xtf_config
+from xtf_plugin.errors import XTFError
+from xtf_plugin.integrations.axolotl.args import SOFT_UNSUPPORTED
+from xtf_plugin.integrations.common import mask_examples, write_training_report
+from xtf_plugin.pipeline import SHARD_EXAMPLES
+
+
+@dataclass
+class XTFRun:
+    """What the plugin keeps after masking, for logging: summary, trainer-log metrics, scoring model."""
+
+    summary: dict[str, Any]
+    metrics: dict[str, float]
+    scoring_model: str
+    shards: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One log line: what scored, how much ran the model, how much came from the cache."""
+        s = self.summary
+        return (
+            f"XTF: scoring model {self.scoring_model}; {s['examples']} examples, {s['response_tokens']} response "
+            f"tokens; forward passes: {s['forward_passes']}, cached shards: {s['cached_shards']}/{self.shards}, "
+            f"scoring {s['scoring_seconds']:.1f} s, total {self.seconds:.1f} s; kept fraction "
+            f"{self.metrics['xtf/kept_fraction']:.4f}"
+        )
+
+
+def xtf_config_from_cfg(cfg: Any) -> XTFConfig:
+    """`XTFConfig` from axolotl's validated cfg (`cfg.xtf` is a `DictDefault`, None values dropped)."""
+    block = cfg.get("xtf")
+    data = block.to_dict() if hasattr(block, "to_dict") else dict(block or {})
+    return load_xtf_config(data)
+
+
+def scoring_device() -> str:
+    """This process's device: its local GPU under a multi-GPU launcher, else the first GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def load_scoring_model(cfg: Any, tokenizer: Any, device: str) -> Any:
+    """The frozen base model (`cfg.base_model`) as QLoRA / LoRA / full fine-tuning will see it.
+
+    `load_in_4bit: true` loads the 4-bit nf4 model (bitsandbytes, double quantisation, as axolotl's QLoRA);
+    dtype (compute dtype when 4-bit): float32 on CPU or when axolotl trains in float32, else bfloat16 on a GPU
+    that supports it (float32 on one that does not). If axolotl's tokenizer has more tokens than the checkpoint
+    (added `tokens:` / special tokens), the embeddings grow to the tokenizer's size, the new rows set to the
+    mean row (not random) so that the model fingerprint, and with it the score cache, is stable across runs.
+    """
+    from xtf_plugin.loading import load_model
+
+    name = str(cfg.base_model)
+    if cfg.get("load_in_8bit"):
+        from axolotl.utils.logging import get_logger
+
+        get_logger("axolotl.integrations.xtf").warning(
+            "xtf_plugin: load_in_8bit is not mirrored by the scorer; XTF scores with the unquantised base model"
+        )
+    try:
+        dtype = "float32" if cfg.get("torch_dtype") == torch.float32 else "auto"
+        model = load_model(name, dtype=dtype, load_in_4bit=bool(cfg.load_in_4bit), device=device)
+    except XTFError as error:
+        detail = str(error).split(": ", 1)[-1]
+        raise XTFError(f"base_model: XTF cannot load the scoring model {name!r}: {detail}") from None
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and embeddings.num_embeddings < len(tokenizer):
+        _grow_embeddings(model, len(tokenizer))
+    return model
+
+
+def _grow_embeddings(model: Any, size: int) -> None:
+    old = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        matrices = [model.get_input_embeddings().weight]
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not matrices[0]:
+            matrices.append(output.weight)
+        for weight in matrices:
+            weight[old:] = weight[:old].float().mean(0).to(weight.dtype)
+
+
+def release_memory() -> None:
+    """Returns the memory of objects just dropped (call after deleting the last reference to the model)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
+    """Score every row of axolotl's prepared training set and return it with masked `labels`; writes the HTML
+    report of the training set to `output_dir/xtf_report.html` (main process).
+
+    Rows, row order, every other column and every label outside the dropped response tokens stay as they are.
+    On several processes the local main process scores first (filling the score cache) and the others then
+    find every shard in the cache.
+    """
+    from axolotl.loaders import load_tokenizer
+    from axolotl.utils.distributed import is_local_main_process, is_main_process, zero_first
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        raise XTFError(
+            "xtf: the training set is streamed (`streaming:` / `pretraining_dataset:`); XTF needs the whole "
+            "tokenised set before training: remove streaming or the `xtf:` block"
+        )
+    missing = [c for c in ("input_ids", "labels") if c not in dataset.column_names]
+    if missing:
+        raise XTFError(
+            f"xtf: the prepared training set has no {' / '.join(missing)} column (columns: "
+            f"{', '.join(dataset.column_names)}); XTF needs tokenised SFT examples"
+        )
+    started = time.perf_counter()
+    config = xtf_config_from_cfg(cfg)
+    if config.soft:
+        raise XTFError(SOFT_UNSUPPORTED)
+    tokenizer = load_tokenizer(cfg)
+    rows = dataset.with_format("numpy", columns=["input_ids", "labels"])
+    input_ids = list(rows["input_ids"])
+    labels = list(rows["labels"])
+    device = scoring_device()
+    with zero_first(is_local_main_process()):
+        model = load_scoring_model(cfg, tokenizer, device)
+        quantized = bool(getattr(model, "is_loaded_in_4bit", False))
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        try:
+            result = mask_examples(model, tokenizer, input_ids, labels, config, progress=is_main_process())
+        finally:
+            del model
+            release_memory()
+    description = f"{cfg.base_model} ({'4-bit nf4, compute ' + dtype if quantized else dtype}, {device})"
+    run = XTFRun(
+        summary=result.summary,
+        metrics=result.log_metrics,
+        scoring_model=description,
+        shards=math.ceil(len(input_ids) / SHARD_EXAMPLES),
+        seconds=time.perf_counter() - started,
+        extra={"quantized": quantized},
+    )
+    run.extra["report"] = write_training_report(result, cfg.get("output_dir"))
+    masked = _list_array(result.labels, dataset.features.arrow_schema.field("labels").type)
+    del result, input_ids, labels
+    feature = dataset.features["labels"]
+    dataset = dataset.remove_columns("labels").add_column("labels", masked, feature=feature)
+    return dataset, run
+
+
+def _list_array(rows: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
+    """An Arrow list column (of `arrow_type`) from one integer array per row, without Python lists."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    values = pa.array(flat, type=arrow_type.value_type)
+    if pa.types.is_large_list(arrow_type):
+        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
