@@ -170,3 +170,17 @@ def test_html_report_in_headless_chromium(scored_dir, tmp_path):
     )
     assert png.is_file() and png.stat().st_size > 20_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_viewer_holds_at_most_max_examples(scored_dir, tmp_path):
+    """Large datasets: the viewer embeds the first --max-examples examples and says so; the figures cover all."""
+    from xtf_plugin.report.html import examples_json
+
+    scored = attach_texts(load_scored_dir(scored_dir))
+    assert [row[0] for row in json.loads(examples_json(scored, 5))["examples"]] == [0, 1, 2, 3, 4]
+    html = tmp_path / "small.html"
+    assert main(["report", str(scored_dir), "--html", str(html), "--max-examples", "5"]) == 0
+    assert "The viewer holds the first 5 of 12 examples" in html.read_text()
+    assert main(["report", str(scored_dir), "--html", str(html)]) == 0
+    assert "The viewer holds the first" not in html.read_text()
+    assert main(["report", str(scored_dir), "--html", str(html), "--max-examples", "0"]) == 2

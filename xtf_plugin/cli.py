@@ -118,12 +118,14 @@ def command_report(args: argparse.Namespace) -> int:
         raise XTFError(f"--examples {args.examples}: expected a count >= 0")
     if args.page_size < 1:
         raise XTFError(f"--page-size {args.page_size}: expected a count >= 1")
+    if args.max_examples < 1:
+        raise XTFError(f"--max-examples {args.max_examples}: expected a count >= 1")
     if args.html or args.tokens or args.examples:
         attach_texts(scored, args.model)
     if args.html:
         from xtf_plugin.report.html import write_html
 
-        print(f"wrote {write_html(scored, args.html, page_size=args.page_size)}")
+        print(f"wrote {write_html(scored, args.html, page_size=args.page_size, max_examples=args.max_examples)}")
     if args.tokens:
         from xtf_plugin.report.export import write_tokens_jsonl
 
@@ -187,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--examples", type=int, default=0, metavar="N", help="print N examples, dropped tokens marked")
     report.add_argument("--model", help="tokenizer to decode tokens with (default: the model in summary.json)")
     report.add_argument("--page-size", type=int, default=50, help="examples per page of the HTML viewer")
+    report.add_argument(
+        "--max-examples", type=int, default=5000, help="examples embedded in the HTML viewer (the charts cover all)"
+    )
     report.set_defaults(handler=command_report)
 
     sft = commands.add_parser(

@@ -181,8 +181,13 @@ def _numbers(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def examples_json(scored: ScoredDir) -> str:
-    """The viewer's data: `vocab` (distinct token texts) and one row per example:
+DEFAULT_MAX_EXAMPLES = 5000
+"""Examples embedded in the viewer by default: the page stays a few MB and loads fast whatever the dataset size
+(the summary, charts and top tokens always cover every example)."""
+
+
+def examples_json(scored: ScoredDir, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
+    """The viewer's data for the first `max_examples` examples: `vocab` (distinct token texts) and one row per example:
     `[index, response tokens, dropped tokens, reason mask, vocab indices, reason bits, ri, kn, tr]`, response
     tokens only (bits 1/2/4 as in `xtf_drop`; mask bit 8: some token has several reasons)."""
     response = scored.response
@@ -195,7 +200,7 @@ def examples_json(scored: ScoredDir) -> str:
     bounds = np.concatenate([[0], np.cumsum(n_response)])
     several = np.array([bin(b).count("1") > 1 for b in range(8)])[drop & 7]
     rows = []
-    for i in range(scored.n_examples):
+    for i in range(min(scored.n_examples, max_examples)):
         a, b = int(bounds[i]), int(bounds[i + 1])
         bits = drop[a:b]
         mask = int(np.bitwise_or.reduce(bits)) if b > a else 0
@@ -208,7 +213,7 @@ def examples_json(scored: ScoredDir) -> str:
     return '{"vocab":' + json.dumps(vocab, ensure_ascii=False) + ',"examples":[' + ",\n".join(rows) + "]}"
 
 
-def render_html(scored: ScoredDir, page_size: int = 50) -> str:
+def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
     """The whole report as one HTML string (token texts must be attached: `load.attach_texts`)."""
     summary, drop, response = scored.summary, scored.drop, scored.response
     n_response = int(response.sum())
@@ -236,7 +241,14 @@ def render_html(scored: ScoredDir, page_size: int = 50) -> str:
         rows.append(("protected tokens", f"{summary['protected_tokens']:,}"))
     hists = score_histograms({"reasoning": scored.ri, "novelty": scored.kn, "relevance": scored.tr}, response, drop, summary)
     tops = top_dropped_tokens(scored.input_ids, drop, scored.texts, limit=10)
-    data = examples_json(scored).replace("</", "<\\/")
+    data = examples_json(scored, max_examples).replace("</", "<\\/")
+    shown = min(scored.n_examples, max_examples)
+    viewer_note = (
+        f"<p class='note' id='truncated'>The viewer holds the first {shown:,} of {scored.n_examples:,} examples "
+        f"(<code>--max-examples</code>); the figures above cover all of them.</p>"
+        if shown < scored.n_examples
+        else ""
+    )
     legend = "".join(
         f"<span class='tok drop drop-{key}'>{label}</span> "
         for key, label in (("ri", "RI"), ("kn", "KN"), ("tr", "TR"), ("multi", "several"))
@@ -254,7 +266,7 @@ def render_html(scored: ScoredDir, page_size: int = 50) -> str:
 limit how many of the tokens past a threshold are dropped); dashed: thresholds.</p>
 <div class="hists">{"".join(histogram_svg(name, hists[name]) for name in ATTRIBUTES)}</div></section>
 <section><h2>Most dropped tokens</h2>{_top_tokens_html(tops)}</section>
-<section><h2>Examples</h2>
+<section><h2>Examples</h2>{viewer_note}
 <div class="controls">
  <input id="q" type="search" placeholder="search text..." aria-label="search">
  <select id="reason" aria-label="filter by reason">
@@ -276,11 +288,11 @@ limit how many of the tokens past a threshold are dropped); dashed: thresholds.<
     return TEMPLATE.format(title=_esc(f"XTF report: {scored.path.name}"), css=CSS, body=body, data=data, page_size=int(page_size), js=JS)
 
 
-def write_html(scored: ScoredDir, path: str | Path, page_size: int = 50) -> Path:
+def write_html(scored: ScoredDir, path: str | Path, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> Path:
     """Write the report to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(scored, page_size), encoding="utf-8")
+    path.write_text(render_html(scored, page_size, max_examples), encoding="utf-8")
     return path
 
 
