@@ -85,3 +85,21 @@ def test_entry_written_for_other_inputs_is_rejected(tmp_path):
     with pytest.warns(CacheWarning, match="different inputs"):
         assert cache.load("forward", "b" * 64, ("x",)) is None
     assert not cache.path("forward", "b" * 64).exists()
+
+
+def test_disabled_adapter_weights_are_not_part_of_the_key(tiny_model_dir, tiny_tokenizer, data, cache_dir):
+    """Scoring a LoRA model under disable_adapter() reuses the base model's entries, whatever the adapter holds
+    (ranks of one run initialise their adapters differently)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from xtf_plugin.integrations.common import base_model_for_scoring
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    score(base, tiny_tokenizer, data, cache_dir)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with base_model_for_scoring(peft) as scorer:
+        _, calls = score(scorer, tiny_tokenizer, data, cache_dir)
+    assert calls == 0
+    _, calls = score(peft, tiny_tokenizer, data, cache_dir)  # adapters active: a different model
+    assert calls > 0

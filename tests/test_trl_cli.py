@@ -75,3 +75,20 @@ def test_accelerate_arguments_are_removed_where_they_occur():
 
     argv = ["--config", "c.yaml", "--max_steps", "2", "--num_processes", "2", "--lora_r", "2"]
     assert _without_subsequence(argv, ["--num_processes", "2"]) == ["--config", "c.yaml", "--max_steps", "2", "--lora_r", "2"]
+
+
+@pytest.mark.slow
+def test_xtf_sft_two_processes(tiny_model_dir, tmp_path, cache_dir):
+    """`accelerate launch` underneath, as `trl sft`: two CPU processes (gloo) train one model; the main process
+    scores (one summary line) while the other waits and reads the score cache."""
+    out = tmp_path / "run"
+    result = run_xtf_sft(
+        "--config", "example_configs/trl-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(out), "--max_steps", "2", "--multi_gpu", "--num_processes", "2", "--use_cpu", "true",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert log.count("XTF: kept") == 1
+    assert "XTF rank 1: 0 forward passes, 1 cached shards" in log  # rank 1 read what rank 0 scored
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in log  # the two processes form one DDP run
+    assert "xtf/kept_fraction" in log and (out / "adapter_model.safetensors").is_file()

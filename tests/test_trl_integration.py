@@ -190,8 +190,10 @@ def test_xtf_sft_trainer_scores_a_4bit_qlora_model_with_its_base_weights(model64
             if hasattr(module, "lora_B"):
                 for weight in module.lora_B.values():
                     weight.weight.add_(0.5)  # an adapter that would change every score if it were active
+    fresh = trainer.xtf_config.model_copy(update={"cache_dir": str(tmp_path / "fresh-cache")})  # really rescore
     again = mask_examples(trainer.model, trainer.processing_class, result.scored.per_example(result.scored.input_ids),
-                          result.scored.per_example(result.scored.labels), trainer.xtf_config, progress=False)
+                          result.scored.per_example(result.scored.labels), fresh, progress=False)
+    assert again.summary["forward_passes"] > 0
     from xtf_plugin.scoring.engine import score_forward
 
     active = score_forward(trainer.model, result.scored.per_example(result.scored.input_ids),

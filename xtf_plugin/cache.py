@@ -48,11 +48,16 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     """
     import torch
 
+    # Under PEFT's disable_adapter() the adapter weights do not change any score, and they are initialised at
+    # random per process: leave them out, so every rank of a run (and every run) finds the same cache entries.
+    adapters_off = any(getattr(m, "disable_adapters", False) for m in model.modules() if hasattr(m, "lora_A"))
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
-            if not isinstance(tensor, torch.Tensor):
+            if not isinstance(tensor, torch.Tensor) or (adapters_off and "lora_" in name):
                 continue
+            if adapters_off:  # the base model's own parameter names, so plain and PEFT-wrapped runs share entries
+                name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
             flat = tensor.detach().reshape(-1)
             if flat.numel() == 0 or flat.device.type == "meta":

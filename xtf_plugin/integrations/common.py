@@ -97,6 +97,14 @@ def mask_examples(
     summary = summarize(scored)
     if _is_main_process():
         print(summary_line(summary), file=sys.stderr, flush=True)
+    else:
+        # the other ranks normally find every score in the cache the main process just wrote
+        print(
+            f"XTF rank {os.environ.get('RANK')}: {summary['forward_passes']} forward passes, "
+            f"{summary['cached_shards']} cached shards",
+            file=sys.stderr,
+            flush=True,
+        )
     return MaskedExamples(scored.per_example(scored.filtered_labels), scored, summary)
 
 
