@@ -22,24 +22,19 @@ def run_xtf_sft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_xtf_sft_trains_with_the_cpu_example(tiny_model_dir, tmp_path, cache_dir):
+@pytest.mark.parametrize(
+    ("config", "model", "extra"),
+    [
+        ("trl-cpu.yaml", "tiny_model_dir", ["--xtf", "drop_ratio=0.3"]),
+        # QLoRA: the 4-bit nf4 model (bitsandbytes' CPU kernel) scores with its adapter disabled, then trains
+        ("trl-qlora.yaml", "model64_dir", ["--max_length", "256"]),
+    ],
+)
+def test_xtf_sft_trains_with_the_example_configs(config, model, extra, request, tmp_path, cache_dir):
     out = tmp_path / "run"
     result = run_xtf_sft(
-        "--config", "example_configs/trl-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
-        "--output_dir", str(out), "--max_steps", "2", "--xtf", "drop_ratio=0.3",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = result.stdout + result.stderr
-    assert "XTF: kept" in log and "xtf/kept_fraction" in log
-    assert (out / "adapter_model.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_xtf_sft_qlora_scores_and_trains_the_4bit_model(model64_dir, tmp_path, cache_dir):
-    out = tmp_path / "run"
-    result = run_xtf_sft(
-        "--config", "example_configs/trl-qlora.yaml", "--model_name_or_path", str(model64_dir),
-        "--output_dir", str(out), "--max_steps", "2", "--max_length", "256",
+        "--config", f"example_configs/{config}", "--model_name_or_path", str(request.getfixturevalue(model)),
+        "--output_dir", str(out), "--max_steps", "2", *extra,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
