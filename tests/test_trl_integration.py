@@ -243,6 +243,8 @@ def test_soft_mode_weights_each_token_loss(tiny_model_dir, tmp_path, cache_dir):
     model.train()
     trainer.train()
     assert recording.batches
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(0 < entry["xtf/mean_weight"] < 1 and "xtf/kept_fraction" not in entry for entry in logged)
 
     with pytest.raises(XTFError, match="packing"):
         XTFSFTTrainer(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from trl import SFTTrainer
@@ -72,13 +73,14 @@ class XTFSFTTrainer(SFTTrainer):
         **kwargs: as for `SFTTrainer`.
 
     After construction, `xtf_result` holds the scores, reasons and summary of the training set, and every
-    training log carries `xtf/kept_fraction` and `xtf/dropped_<attribute>`.
+    training log carries `xtf/kept_fraction` and `xtf/dropped_<attribute>` (soft mode: `xtf/mean_weight`).
     """
 
     def __init__(self, *args: Any, xtf_config: XTFConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.xtf_config = coerce_xtf_config(xtf_config)
         self._xtf_postponed_packing = False
         self.xtf_result: MaskedExamples | None = None
+        self._xtf_log_metrics: dict[str, float] = {}
         super().__init__(*args, **kwargs)
         if self.xtf_config.soft and (self.args.packing or self.args.padding_free):
             raise XTFError(
@@ -109,11 +111,15 @@ class XTFSFTTrainer(SFTTrainer):
                 progress=self.is_world_process_zero(),
             )
         write_training_report(self.xtf_result, self.args.output_dir)
+        self._xtf_log_metrics = self.xtf_result.log_metrics
         if self.xtf_config.soft:
-            weights = [row.tolist() for row in soft_weights(self.xtf_result.scored)]
+            scored = self.xtf_result.scored
+            weights = soft_weights(scored)
+            # nothing is dropped in soft mode: log the mean loss weight of the trained tokens instead
+            self._xtf_log_metrics = {"xtf/mean_weight": float(np.concatenate(weights)[scored.response].mean())}
             if labels is None:
-                dataset = dataset.add_column("labels", [row.tolist() for row in self.xtf_result.scored.per_example(self.xtf_result.scored.labels)])
-            return dataset.add_column(WEIGHT_COLUMN, weights)
+                dataset = dataset.add_column("labels", [row.tolist() for row in scored.per_example(scored.labels)])
+            return dataset.add_column(WEIGHT_COLUMN, [row.tolist() for row in weights])
         masked = [row.tolist() for row in self.xtf_result.labels]
         dataset = dataset.remove_columns("labels") if labels is not None else dataset
         dataset = dataset.add_column("labels", masked)
@@ -142,6 +148,6 @@ class XTFSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Adds the XTF fractions to every training log (so they reach W&B, TensorBoard, the console)."""
-        if self.xtf_result is not None and "loss" in logs:
-            logs.update(self.xtf_result.log_metrics)
+        if "loss" in logs:
+            logs.update(self._xtf_log_metrics)
         super().log(logs, *args, **kwargs)
