@@ -113,6 +113,13 @@ def train(script_args, training_args, model_args, dataset_args, xtf_config: XTFC
     trainer.train()
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    # a process group left to interpreter shutdown can abort there (seen with gloo on CPU)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launch(argv: list[str]) -> int:
