@@ -2,7 +2,7 @@
 
 `score_dataset` scores (through the cache, in shards of examples so an interrupted run resumes from the
 finished shards), fills vector TR from the per-token relevance table, marks protected tokens and runs the
-selection. `reselect` re-runs only the selection for new selection settings.
+selection.
 """
 
 from __future__ import annotations
@@ -132,19 +132,6 @@ def score_dataset(
             "response_tokens": n_scored,
         },
     )
-
-
-def reselect(scored: ScoredDataset, config: XTFConfig) -> ScoredDataset:
-    """The same scores under new selection settings (no model involved).
-
-    Raises `XTFError` if `config` changes a scorer setting, which needs re-scoring."""
-    if config.scorer_settings() != scored.config.scorer_settings() or (
-        config.tr_method == "vector" and config.relevance_settings() != scored.config.relevance_settings()
-    ):
-        raise XTFError("the new settings change scorer settings (ri_*, tr_*, max_length): score again")
-    scored.config = config
-    scored.selection = select_tokens(scored.scores, scored.response, scored.protected, config)
-    return scored
 
 
 def _forward_scores(
