@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_accelerate_arguments_are_removed_where_they_occur():
 @pytest.mark.slow
 def test_xtf_sft_two_processes(tiny_model_dir, tmp_path, cache_dir):
     """`accelerate launch` underneath, as `trl sft`: two CPU processes (gloo) train one model; the main process
-    scores (one summary line) while the other waits and reads the score cache."""
+    score together, each running part of the forward passes (one summary line, from the main process)."""
     out = tmp_path / "run"
     result = run_xtf_sft(
         "--config", "example_configs/trl-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
@@ -84,6 +85,8 @@ def test_xtf_sft_two_processes(tiny_model_dir, tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert log.count("XTF: kept") == 1
-    assert "XTF rank 1: 0 forward passes, 1 cached shards" in log  # rank 1 read what rank 0 scored
+    # the ranks split the forward passes (rank 0's count is in its summary line)
+    passes = re.search(r"XTF rank 1: (\d+) forward passes, 0 cached shards", log)
+    assert passes and int(passes.group(1)) > 0, log[-3000:]
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in log  # the two processes form one DDP run
     assert "xtf/kept_fraction" in log and (out / "adapter_model.safetensors").is_file()

@@ -85,21 +85,50 @@ def _resolve_data(source: str) -> str:
 
 def command_score(args: argparse.Namespace) -> int:
     """`xtf score`: tokenise, score, select, write the output folder, print the summary."""
-    from xtf_plugin.data import read_records, tokenize_records
-    from xtf_plugin.loading import load_model, load_tokenizer
-    from xtf_plugin.output import check_output_dir, write_output_dir
-    from xtf_plugin.pipeline import score_dataset
-    from xtf_plugin.report.summary import render_summary, summarize
+    from xtf_plugin.data import read_records, resolve_format
+    from xtf_plugin.loading import check_model_path
+    from xtf_plugin.output import check_output_dir
 
     config = build_config(args.config, args.set or [])
     out_dir = Path(args.out)
     check_output_dir(out_dir, args.overwrite)
-    data_source = _resolve_data(args.data)
-    records = read_records(data_source)
+    # Bad data is reported before torch and transformers are imported (seconds) or a model is loaded.
+    records = read_records(_resolve_data(args.data))
+    data_format = resolve_format(records, args.format, source=args.data)
+    check_model_path(args.model)
+
+    from xtf_plugin.distributed import join_launcher_group, leave_group
+
+    # under torchrun / accelerate launch the ranks split the scoring; rank 0 writes the output folder
+    rank_device = join_launcher_group()
+    try:
+        return _score_and_write(args, config, out_dir, rank_device, records, data_format)
+    finally:
+        leave_group()
+
+
+def _score_and_write(
+    args: argparse.Namespace,
+    config: Any,
+    out_dir: Path,
+    rank_device: str | None,
+    records: list[dict[str, Any]],
+    data_format: str,
+) -> int:
+    from xtf_plugin.data import tokenize_records
+    from xtf_plugin.distributed import world
+    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.output import write_output_dir
+    from xtf_plugin.pipeline import score_dataset
+    from xtf_plugin.report.summary import render_summary, summarize
+
     tokenizer = load_tokenizer(args.model)
-    data = tokenize_records(records, tokenizer, args.format, config.max_length, source=args.data)
-    model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device)
-    scored = score_dataset(model, tokenizer, data, config, progress=not args.quiet, use_cache=not args.no_cache)
+    data = tokenize_records(records, tokenizer, data_format, config.max_length, source=args.data)
+    model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device or rank_device)
+    main_rank = world()[1] == 0
+    scored = score_dataset(model, tokenizer, data, config, progress=main_rank and not args.quiet, use_cache=not args.no_cache)
+    if not main_rank:
+        return 0
     summary = summarize(scored)
     summary.update({"model": args.model, "data": args.data, "format": data.format})
     write_output_dir(out_dir, scored, summary, overwrite=args.overwrite)
@@ -217,7 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         args.trl_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet = bool(getattr(args, "quiet", False)) and not args.debug
+    if quiet:
+        # --quiet leaves stderr to xtf's own warnings and errors, so an error is the one line a script reads;
+        # set before torch and transformers are imported, which read these once.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TORCH_LOGS", "-all")
+    logging.basicConfig(
+        level=logging.INFO if args.debug else logging.ERROR if quiet else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if quiet:
+        logger.setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         return int(args.handler(args) or 0)

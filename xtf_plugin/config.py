@@ -164,6 +164,16 @@ class XTFConfig(_Strict):
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
         return patterns
 
+    @field_validator("tr_domain_words")
+    @classmethod
+    def _no_blank_words(cls, words: list[str] | None) -> list[str] | None:
+        # A blank word tokenises to nothing or to a bare whitespace token, whose vector says nothing about the
+        # domain; caught here, before a model is loaded and scored, rather than after.
+        blank = [word for word in words or [] if not word.strip()]
+        if blank:
+            raise ValueError(f"blank words {blank!r}: every domain word needs a non-whitespace character")
+        return words
+
     @field_validator("tr_mask_classes")
     @classmethod
     def _non_empty_classes(cls, classes: list[int]) -> list[int]:

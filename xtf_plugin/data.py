@@ -185,15 +185,10 @@ def tokenize_records(
 
     Raises `XTFError` naming the row (1-based) and the missing column or the problem.
     """
-    if format not in FORMATS:
-        raise XTFError(f"--format: unknown format {format!r} (allowed: {', '.join(FORMATS)})")
-    if not records:
-        raise XTFError(f"{source}: no examples")
-    fmt = detect_format(records[0]) if format == "auto" else format
+    fmt = resolve_format(records, format, source)
     data = TokenizedData([], [], format=fmt)
     for row, record in enumerate(records, start=1):
         where = f"{source}: row {row}"
-        _check_columns(record, fmt, where)
         ids, labels = _tokenize_one(record, tokenizer, fmt, where)
         if len(ids) > max_length:
             ids, labels = ids[:max_length], labels[:max_length]
@@ -203,6 +198,26 @@ def tokenize_records(
         data.input_ids.append(ids)
         data.labels.append(labels)
     return data
+
+
+def resolve_format(records: Sequence[dict[str, Any]], format: str = "auto", source: str = "data") -> str:
+    """The format of the rows (`auto` picks it from the first row), after checking that every row has its
+    columns; needs no tokenizer, so a bad file fails before any model is loaded.
+
+    Raises `XTFError` naming the source, the row (1-based) and the missing column.
+    """
+    if format not in FORMATS:
+        raise XTFError(f"--format: unknown format {format!r} (allowed: {', '.join(FORMATS)})")
+    if not records:
+        raise XTFError(f"{source}: no examples")
+    if format == "auto":
+        try:
+            format = detect_format(records[0])
+        except XTFError as error:
+            raise XTFError(f"{source}: row 1: {error}") from None
+    for row, record in enumerate(records, start=1):
+        _check_columns(record, format, f"{source}: row {row}")
+    return format
 
 
 def _check_columns(record: dict[str, Any], fmt: str, where: str) -> None:

@@ -65,6 +65,12 @@ def load_model(name_or_path: str, dtype: str = "auto", load_in_4bit: bool = Fals
     return model.eval()
 
 
+def check_model_path(name_or_path: str) -> None:
+    """Raise `XTFError` for a local-looking model path that does not exist (cheap: imports nothing heavy)."""
+    if name_or_path != "demo":
+        _check_exists(name_or_path)
+
+
 def _check_exists(path: str) -> None:
     looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
     if looks_local and not Path(path).expanduser().exists():

@@ -2,7 +2,8 @@
 
 `score_dataset` scores (through the cache, in shards of examples so an interrupted run resumes from the
 finished shards), fills vector TR from the per-token relevance table, marks protected tokens and runs the
-selection.
+selection. Under torch.distributed (accelerate, torchrun, DeepSpeed) all ranks call it together: they split the
+forward passes and every rank gets the same scores.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 from xtf_plugin.cache import ScoreCache, data_fingerprint, model_fingerprint, stable_hash, tokenizer_fingerprint
 from xtf_plugin.config import XTFConfig
 from xtf_plugin.data import TokenizedData
+from xtf_plugin.distributed import all_gather, world
 from xtf_plugin.errors import XTFError
 from xtf_plugin.scores import TokenScores, flatten
-from xtf_plugin.scoring.engine import SCORER_VERSION, ScoringStats, score_forward
+from xtf_plugin.scoring.engine import SCORER_VERSION, ScoringStats, batch_plan, score_forward
 from xtf_plugin.scoring.relevance import domain_token_groups, frequent_content_words, relevance_table
 from xtf_plugin.selection import Selection, apply_selection, select_tokens
 from xtf_plugin.tokens import TokenTexts, protected_mask, special_token_ids
@@ -143,25 +145,68 @@ def _forward_scores(
     stats: ScoringStats,
     progress: bool,
 ) -> tuple[TokenScores, int]:
-    """RI / KN (and prompt-gain TR) for all examples, shard by shard through the cache."""
+    """RI / KN (and prompt-gain TR) for all examples, shard by shard through the cache.
+
+    Under torch.distributed every rank calls this with the same data: the ranks agree on which shards are
+    cached everywhere, split the batches of each other shard between them, and gather the shard's scores,
+    so every rank returns the same scores and rank 0 writes the cache.
+    """
+    size, rank = world()
     settings = config.scorer_settings()
-    parts: list[TokenScores] = []
-    cached = 0
-    for start in range(0, len(data), SHARD_EXAMPLES):
+    starts = range(0, len(data), SHARD_EXAMPLES)
+    keys: list[str] = []
+    entries: list[TokenScores | None] = []
+    for start in starts:
         ids = data.input_ids[start : start + SHARD_EXAMPLES]
         labels = data.labels[start : start + SHARD_EXAMPLES]
-        key = stable_hash({"kind": "forward", **identity, "settings": settings, "data": data_fingerprint(ids, labels)})
+        keys.append(stable_hash({"kind": "forward", **identity, "settings": settings, "data": data_fingerprint(ids, labels)}))
+        entry = cache.load("forward", keys[-1], ("offsets", "ri", "kn", "tr")) if cache else None
         lengths = [len(x) for x in ids]
-        entry = cache.load("forward", key, ("offsets", "ri", "kn", "tr")) if cache else None
-        if entry is not None and np.array_equal(np.diff(entry["offsets"]), lengths):
-            parts.append(TokenScores(entry["offsets"], entry["ri"], entry["kn"], entry["tr"]))
-            cached += 1
+        usable = entry is not None and np.array_equal(np.diff(entry["offsets"]), lengths)
+        entries.append(TokenScores(entry["offsets"], entry["ri"], entry["kn"], entry["tr"]) if usable else None)
+    # a shard counts as cached only where every rank has it (caches need not be shared between machines)
+    cached_everywhere = np.all(all_gather([e is not None for e in entries]), axis=0)
+    parts: list[TokenScores] = []
+    for start, key, entry, cached in zip(starts, keys, entries, cached_everywhere, strict=True):
+        if cached and entry is not None:
+            parts.append(entry)
             continue
-        part = score_forward(model, ids, labels, config, progress=progress, stats=stats)
-        if cache is not None:
+        ids = data.input_ids[start : start + SHARD_EXAMPLES]
+        labels = data.labels[start : start + SHARD_EXAMPLES]
+        part = _score_shard(model, ids, labels, start, config, progress, stats, size, rank)
+        if cache is not None and rank == 0:
             cache.save("forward", key, {"offsets": part.offsets, "ri": part.ri, "kn": part.kn, "tr": part.tr})
         parts.append(part)
-    return (TokenScores.concatenate(parts) if parts else TokenScores.empty([])), cached
+    return (TokenScores.concatenate(parts) if parts else TokenScores.empty([])), int(cached_everywhere.sum())
+
+
+def _score_shard(
+    model: torch.nn.Module,
+    input_ids: list[np.ndarray],
+    labels: list[np.ndarray],
+    first_example: int,
+    config: XTFConfig,
+    progress: bool,
+    stats: ScoringStats,
+    size: int,
+    rank: int,
+) -> TokenScores:
+    """Score one shard; with several ranks, each runs every `size`-th batch of the one-process batch plan
+    (same batches, so the same float32 scores) and the shares are gathered."""
+    if size == 1:
+        return score_forward(model, input_ids, labels, config, progress, stats, first_example=first_example)
+    plan = batch_plan([len(x) for x in input_ids], config.batch_size)
+    mine = {b for b in range(len(plan)) if b % size == rank}
+    part = score_forward(model, input_ids, labels, config, progress, stats, mine, first_example)
+    owner = np.empty(len(input_ids), np.int64)
+    for b, batch in enumerate(plan):
+        owner[batch] = b % size
+    token_owner = np.repeat(owner, np.diff(part.offsets))
+    shares = all_gather((part.ri, part.kn, part.tr))
+    for r, (ri, kn, tr) in enumerate(shares):
+        taken = token_owner == r
+        part.ri[taken], part.kn[taken], part.tr[taken] = ri[taken], kn[taken], tr[taken]
+    return part
 
 
 def _fill_vector_relevance(

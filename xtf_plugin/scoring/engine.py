@@ -9,7 +9,7 @@ needs no pass over the examples at all (see `relevance.py`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +74,16 @@ def _log_probs_at(
     return out
 
 
+def batch_plan(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The batches `score_forward` runs, as example indices: longest first (less padding), ties by index.
+
+    A batch's padding changes float32 scores in the last bits, so whoever scores an example (one process or
+    one of several) must put it in the same batch to get bit-identical scores.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def score_forward(
     model: torch.nn.Module,
@@ -82,6 +92,8 @@ def score_forward(
     config: XTFConfig,
     progress: bool = True,
     stats: ScoringStats | None = None,
+    batches: Collection[int] | None = None,
+    first_example: int = 0,
 ) -> TokenScores:
     """RI and KN (and prompt-gain TR) of every response token.
 
@@ -92,6 +104,9 @@ def score_forward(
         config: scorer settings (`batch_size`, `ri_layers`, `ri_exclude_sink`, `tr_method`).
         progress: show a tqdm bar (tokens/s) when scoring takes more than two seconds.
         stats: accumulates time, tokens and forward passes when given.
+        batches: run only these batches of `batch_plan(lengths, config.batch_size)` (one process's share of
+            a split run); the other examples' scores stay NaN. Default: all.
+        first_example: index of `input_ids[0]` in the whole dataset, so an error names the user's example.
     Returns:
         `TokenScores` aligned with `input_ids`; NaN where a token is not scored. `tr` holds the prompt gain
         when `tr_method == "prompt_gain"`, else NaN (vector TR is filled in by the caller).
@@ -108,13 +123,13 @@ def score_forward(
     device = _device_of(model)
     decoder = model.get_decoder()
     layers = resolve_layers(config.ri_layers, model.config.num_hidden_layers)
-    order = sorted(range(len(input_ids)), key=lambda i: (-lengths[i], i))
+    plan = [b for i, b in enumerate(batch_plan(lengths, config.batch_size)) if batches is None or i in batches]
+    total = sum(lengths[i] for batch in plan for i in batch)
     started = time.perf_counter()
-    bar = tqdm(total=sum(lengths), unit="tok", unit_scale=True, desc="xtf scoring", delay=2, disable=not progress)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="xtf scoring", delay=2, disable=not progress)
     try:
         with capture_attention_received(model, layers, config.ri_exclude_sink) as capture:
-            for start in range(0, len(order), config.batch_size):
-                batch = order[start : start + config.batch_size]
+            for batch in plan:
                 ids, valid = _pad_right([np.asarray(input_ids[i]) for i in batch], device)
                 trained, _ = _pad_right([np.asarray(labels[i]) != -100 for i in batch], device)
                 trained = trained.bool() & valid
@@ -125,7 +140,7 @@ def score_forward(
                 ri = capture.result()
                 capture.end()  # the prompt-gain pass has other shapes and must not add to RI
                 gain = _prompt_gain(model, decoder, ids, valid, trained, log_probs, stats) if config.tr_method == "prompt_gain" else None
-                _check_finite(log_probs, ri, trained)
+                _check_finite(log_probs, ri, gain, trained, [first_example + i for i in batch])
                 for row, index in enumerate(batch):
                     part = slice(int(scores.offsets[index]), int(scores.offsets[index + 1]))
                     n = lengths[index]
@@ -140,7 +155,7 @@ def score_forward(
         bar.close()
         model.train(was_training)
     stats.seconds += time.perf_counter() - started
-    stats.tokens += sum(lengths)
+    stats.tokens += total
     return scores
 
 
@@ -184,10 +199,22 @@ def _prompt_gain(
     return gain
 
 
-def _check_finite(log_probs: torch.Tensor, ri: torch.Tensor, trained: torch.Tensor) -> None:
+def _check_finite(
+    log_probs: torch.Tensor, ri: torch.Tensor, gain: torch.Tensor | None, trained: torch.Tensor, examples: Sequence[int]
+) -> None:
+    """Raise `XTFError` naming the first example (1-based, dataset order) with a NaN or inf score: such a
+    score would silently rank first or last in every selection, and would be cached."""
     scored = trained.clone()
     scored[:, 0] = False
-    if not torch.isfinite(log_probs[scored]).all() or not torch.isfinite(ri[scored]).all():
-        raise XTFError(
-            "the model produced NaN or inf scores (broken weights, or fp16 overflow): try dtype float32 or bfloat16"
-        )
+    values = torch.stack([log_probs, ri, gain if gain is not None else torch.zeros_like(log_probs)])
+    bad = (~torch.isfinite(values) & scored).any(dim=0).any(dim=1)
+    if not bad.any():
+        return
+    rows = bad.nonzero().flatten().tolist()
+    row = min(rows, key=lambda r: examples[r])
+    kind = "NaN" if (torch.isnan(values[:, row]) & scored[row]).any() else "inf"
+    others = f" (and {len(rows) - 1} more in the same batch)" if len(rows) > 1 else ""
+    raise XTFError(
+        f"the model produced {kind} scores in example {examples[row] + 1}{others}: broken weights, or float16 "
+        "overflow; try --dtype float32 or bfloat16"
+    )

@@ -122,11 +122,11 @@ def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
     report of the training set to `output_dir/xtf_report.html` (main process).
 
     Rows, row order, every other column and every label outside the dropped response tokens stay as they are.
-    On several processes the local main process scores first (filling the score cache) and the others then
-    find every shard in the cache.
+    On several processes every rank loads the scoring model, the ranks split the forward passes between them
+    and every rank gets the same masks.
     """
     from axolotl.loaders import load_tokenizer
-    from axolotl.utils.distributed import is_local_main_process, is_main_process, zero_first
+    from axolotl.utils.distributed import is_main_process
     from datasets import Dataset
 
     if not isinstance(dataset, Dataset):
@@ -149,15 +149,15 @@ def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
     input_ids = list(rows["input_ids"])
     labels = list(rows["labels"])
     device = scoring_device()
-    with zero_first(is_local_main_process()):
-        model = load_scoring_model(cfg, tokenizer, device)
-        quantized = bool(getattr(model, "is_loaded_in_4bit", False))
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        try:
-            result = mask_examples(model, tokenizer, input_ids, labels, config, progress=is_main_process())
-        finally:
-            del model
-            release_memory()
+    # every rank at once: the ranks split the forward passes and gather the scores (see score_dataset)
+    model = load_scoring_model(cfg, tokenizer, device)
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    try:
+        result = mask_examples(model, tokenizer, input_ids, labels, config, progress=is_main_process())
+    finally:
+        del model
+        release_memory()
     description = f"{cfg.base_model} ({'4-bit nf4, compute ' + dtype if quantized else dtype}, {device})"
     run = XTFRun(
         summary=result.summary,

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from trl import SFTTrainer
 
 from xtf_plugin.config import XTFConfig, load_xtf_config
@@ -101,15 +100,15 @@ class XTFSFTTrainer(SFTTrainer):
     def _xtf_mask_train_dataset(self, dataset):  # type: ignore[no-untyped-def]
         columns = dataset.column_names
         labels = dataset["labels"] if "labels" in columns else None
-        with PartialState().main_process_first():
-            self.xtf_result = mask_examples(
-                self.model,
-                tokenizer_of(self.processing_class),
-                dataset["input_ids"],
-                labels,
-                self.xtf_config,
-                progress=self.is_world_process_zero(),
-            )
+        # every rank at once: the ranks split the forward passes and gather the scores (see score_dataset)
+        self.xtf_result = mask_examples(
+            self.model,
+            tokenizer_of(self.processing_class),
+            dataset["input_ids"],
+            labels,
+            self.xtf_config,
+            progress=self.is_world_process_zero(),
+        )
         write_training_report(self.xtf_result, self.args.output_dir)
         self._xtf_log_metrics = self.xtf_result.log_metrics
         if self.xtf_config.soft:
