@@ -103,3 +103,22 @@ def test_disabled_adapter_weights_are_not_part_of_the_key(tiny_model_dir, tiny_t
     assert calls == 0
     _, calls = score(peft, tiny_tokenizer, data, cache_dir)  # adapters active: a different model
     assert calls > 0
+
+
+def test_temporaries_of_killed_writers_are_removed_after_a_day(tmp_path):
+    """A writer killed between mkstemp and rename leaves `.tmp-*.npz`; the next write into that folder deletes
+    it once it is a day old, and leaves a younger one (possibly another process's write in progress)."""
+    import os
+    import time
+
+    cache = ScoreCache(tmp_path)
+    folder = cache.path("forward", "ab" + "0" * 62).parent
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".tmp-old.npz", folder / ".tmp-new.npz"
+    for tmp in (stale, fresh):
+        tmp.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(stale, (two_days_ago, two_days_ago))
+    cache.save("forward", "ab" + "1" * 62, {"x": np.arange(3)})
+    assert not stale.exists() and fresh.exists()
+    np.testing.assert_array_equal(cache.load("forward", "ab" + "1" * 62, ["x"])["x"], np.arange(3))

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -128,6 +129,7 @@ class ScoreCache:
         """Write an entry atomically and return its path."""
         path = self.path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path.parent)
         meta = np.frombuffer(json.dumps({"key": key, "version": CACHE_FORMAT_VERSION}).encode(), dtype=np.uint8)
         handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
         try:
@@ -140,3 +142,17 @@ class ScoreCache:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         return path
+
+
+STALE_TEMPORARY_SECONDS = 24 * 3600
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete day-old temporary files: a process killed mid-write (SIGKILL, out of memory) cannot clean up
+    after itself, and a younger file may be another process's write in progress."""
+    for tmp in folder.glob(".tmp-*.npz"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                tmp.unlink()
+        except OSError:  # another process removed or renamed it first
+            pass
