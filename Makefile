@@ -10,7 +10,7 @@ export AXOLOTL_DO_NOT_TRACK ?= 1
 XTF_ENV ?= py311
 TRL_TESTS = tests/test_trl_integration.py tests/test_trl_cli.py tests/test_trl_two_step.py
 
-.PHONY: demo test test-main test-trl-latest test-axolotl-latest lint env lock bench bench-perf
+.PHONY: demo test test-main test-trl-latest test-axolotl-latest lint env lock bench bench-perf bench-quality
 
 env:
 	@.ci/venv.sh
@@ -38,15 +38,19 @@ test-axolotl-latest:
 lint:
 	@venv="$$(.ci/venv.sh)" && "$$venv/bin/ruff" check xtf_plugin tests benchmarks
 
-# Regenerates every number of the benchmark tables (benchmarks/README.md). Add further benchmark targets as
-# prerequisites of `bench`.
-bench: bench-perf
+# Regenerates every number of the benchmark tables (benchmarks/README.md, README.md); BENCH_ARGS=--quick for a
+# smoke run of the performance scripts.
+bench: bench-perf bench-quality
 
-# Performance benchmarks (sized for about 20 minutes on two idle CPU cores): scoring cost, scaling and cache,
-# then training overhead. BENCH_ARGS=--quick for a smoke run.
+# Performance: scoring cost, scaling and cache, then training overhead.
 bench-perf:
 	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
 	python benchmarks/scoring_cost.py $(BENCH_ARGS) && python benchmarks/training_overhead.py $(BENCH_ARGS)
+
+# Quality: detection of injected noise, then the downstream LoRA experiment (four arms, two seeds).
+bench-quality:
+	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
+	python benchmarks/noise_detection.py && python benchmarks/downstream.py
 
 # Rewrites .ci/constraints-$(XTF_ENV).txt from the environment as installed now.
 lock:

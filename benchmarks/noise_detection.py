@@ -1,0 +1,485 @@
+"""Does XTF find injected noise? Token-level noise detection on GSM8K answers with the demo model.
+
+Injects one of four kinds of noise into a seeded, known fraction of GSM8K answers (filler phrases at sentence
+starts, an off-task sentence between reasoning lines, assistant boilerplate, random vocabulary strings),
+records the injected character spans, scores everything with the real pipeline at default `XTFConfig` (what
+`xtf score` does, cache off) and reports, per noise kind:
+
+* AUROC of each attribute score (and of weighted mode's combined score) for noise vs clean tokens, where a
+  LOW score is the noise signal for all three (RI: attention received; KN: 1 - p(token); TR: cosine to the
+  domain vector) -- 0.5 = no separation, 1.0 = every noise token scores below every clean token;
+* precision / recall / F1 of the dropped set, overall and per reason bit, for union mode at the defaults, the
+  union tests before caps and ceiling, and weighted mode with `drop_ratio` = the noise-token fraction;
+* how many tokens of GSM8K's own calculator annotations (`<<48/2=24>>`, in the clean answers) are dropped.
+
+Token rule: a response token is noise when at least half of its characters were injected (the tokenizer's
+offset mapping over the answer text). A BPE token that only borrows the space of an injected span
+(" Natalia" after "basically, ") stays clean; " Well" whose space is original counts as noise. The same rule
+decides which tokens belong to a calculator annotation (`<<`, `>>` and everything between).
+
+    python benchmarks/noise_detection.py [--quick] [--data PATH] [--seed 0] [--noisy-fraction 0.5] [--out PATH]
+
+`--quick` uses the first 60 rows and writes nothing unless `--out` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xtf_plugin.config import REASON_BITS, XTFConfig
+from xtf_plugin.data import read_records, tokenize_records
+from xtf_plugin.demo import DEMO_DATA
+from xtf_plugin.loading import load_model, load_tokenizer
+from xtf_plugin.pipeline import ScoredDataset, score_dataset
+from xtf_plugin.selection import combined_scores, select_tokens
+
+RESULTS = Path(__file__).parent / "results" / "noise_detection.json"
+QUICK_ROWS = 60
+KINDS = ("filler", "off_task", "boilerplate", "random_tokens")
+CLEAN, NOT_RESPONSE = 0, -1
+"""Token kind codes: 0 = clean, 1.. = index into KINDS plus one, -1 = not a trained token."""
+
+FILLERS = [
+    "Well, you know, basically,",
+    "Um, so, like,",
+    "Okay, so, honestly,",
+    "I mean, to be fair,",
+    "Alright, let me think, so",
+    "Hmm, well, actually,",
+]
+OFF_TASK = [
+    "By the way, the weather in Paris is lovely at this time of year.",
+    "The local football team won their match last night in extra time.",
+    "To make a good risotto, stir the rice slowly and add the broth a little at a time.",
+    "It looks like it is going to rain all weekend, so bring an umbrella.",
+    "My favourite tennis player finally won the tournament after five sets.",
+    "Fresh basil and a drizzle of olive oil make any tomato sauce taste better.",
+]
+OPENERS = [
+    "As an AI language model, I am happy to help.",
+    "Sure! I would be glad to help you with this question.",
+    "Great question! Let me walk you through it step by step.",
+]
+DISCLAIMER = "Please note that I am an AI and my answers may contain mistakes, so always double-check them."
+ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+@dataclass
+class NoisyAnswer:
+    """An answer after injection: its text, the injected character spans and the kind (None = clean)."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    kind: str | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# injection
+
+
+def insert_all(text: str, insertions: list[tuple[int, str]]) -> NoisyAnswer:
+    """Insert strings at positions of the original text; spans are positions in the result."""
+    out, spans, last = [], [], 0
+    for position, piece in sorted(insertions):
+        out.append(text[last:position])
+        start = sum(len(p) for p in out)
+        out.append(piece)
+        spans.append((start, start + len(piece)))
+        last = position
+    out.append(text[last:])
+    return NoisyAnswer("".join(out), spans, None)
+
+
+def _body_end(answer: str) -> int:
+    """Where the final `#### N` line starts (the answer's end if it has none): noise goes before it so the
+    graded answer line stays the last line."""
+    index = answer.rfind("\n####")
+    return index + 1 if index >= 0 else len(answer)
+
+
+def _sentence_starts(answer: str) -> list[int]:
+    """Positions where a sentence of the reasoning starts: line starts and after '. ' within a line."""
+    body = answer[: _body_end(answer)]
+    starts = (
+        [0] + [m.end() for m in re.finditer(r"\n(?=\S)", body)] + [m.end() for m in re.finditer(r"\. (?=[A-Z])", body)]
+    )
+    return sorted(p for p in set(starts) if p < len(body))
+
+
+def word_vocabulary(tokenizer: Any) -> list[str]:
+    """Vocabulary entries that are a leading space plus 3+ ASCII letters: random strings that still look
+    like words, so the test is not only about odd byte pieces."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return sorted(
+        {p[1:] for p in pieces if p and p.startswith("Ġ") and p[1:].isascii() and p[1:].isalpha() and len(p) >= 4}
+    )
+
+
+def inject(answer: str, kind: str, rng: random.Random, vocabulary: list[str]) -> NoisyAnswer:
+    """One kind of noise in one answer."""
+    body_end = _body_end(answer)
+    if kind == "filler":
+        starts = _sentence_starts(answer)
+        chosen = rng.sample(starts, min(2, len(starts)))
+        result = insert_all(answer, [(p, rng.choice(FILLERS) + " ") for p in chosen])
+    elif kind == "off_task":
+        # between reasoning lines, or between the last one and the answer line
+        gaps = [m.end() for m in re.finditer("\n", answer[:body_end])] or [body_end]
+        result = insert_all(answer, [(rng.choice(gaps), rng.choice(OFF_TASK) + "\n")])
+    elif kind == "boilerplate":
+        # the same opener / disclaimer recur across the dataset: boilerplate is repetition, not content
+        result = insert_all(answer, [(0, rng.choice(OPENERS) + "\n"), (body_end, DISCLAIMER + "\n")])
+    elif kind == "random_tokens":
+        spaces = [m.start() for m in re.finditer(" ", answer[:body_end])] or [body_end]
+        words = "".join(" " + rng.choice(vocabulary) for _ in range(rng.randint(4, 8)))
+        result = insert_all(answer, [(rng.choice(spaces), words)])
+    else:
+        raise ValueError(f"unknown noise kind {kind!r}")
+    result.kind = kind
+    return result
+
+
+def inject_dataset(records: list[dict[str, Any]], fraction: float, seed: int, tokenizer: Any) -> list[NoisyAnswer]:
+    """Noise in `round(fraction * n)` seeded-random answers, the kinds dealt out in turn so each gets a
+    quarter; the other answers stay as they are."""
+    rng = random.Random(seed)
+    noisy = rng.sample(range(len(records)), round(fraction * len(records)))
+    kind_of = {index: KINDS[k % len(KINDS)] for k, index in enumerate(noisy)}
+    vocabulary = word_vocabulary(tokenizer)
+    answers = []
+    for index, record in enumerate(records):
+        answer = str(record["answer"])
+        kind = kind_of.get(index)
+        answers.append(inject(answer, kind, rng, vocabulary) if kind else NoisyAnswer(answer, [], None))
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------------
+# character spans -> tokens
+
+
+def majority_inside(offsets: list[tuple[int, int]], inside: np.ndarray) -> np.ndarray:
+    """bool per token: at least half of the token's characters are marked in `inside` (chars past the end
+    of `inside`, e.g. the end-of-turn token's, are unmarked)."""
+    marked = np.concatenate([[0], np.cumsum(np.concatenate([inside, np.zeros(64, bool)]))])
+    result = np.zeros(len(offsets), bool)
+    for t, (start, end) in enumerate(offsets):
+        if end > start:
+            end = min(end, len(marked) - 1)
+            result[t] = 2 * (marked[end] - marked[start]) >= end - start
+    return result
+
+
+def char_mask(length: int, spans: list[tuple[int, int]]) -> np.ndarray:
+    """bool `[length]`: characters inside any span."""
+    mask = np.zeros(length, bool)
+    for start, end in spans:
+        mask[start:end] = True
+    return mask
+
+
+def token_labels(
+    scored: ScoredDataset, answers: list[NoisyAnswer], tokenizer: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat `[n_tokens]` arrays: kind code, calculator-annotation flag, and whether the example is noisy.
+
+    The trained tokens of an `alpaca` example are exactly the answer followed by the end-of-turn token (the
+    chat template adds nothing inside the turn), so re-tokenising that text gives each token's offsets;
+    the ids are checked against the scored ones.
+    """
+    kinds = np.full(len(scored.input_ids), NOT_RESPONSE, np.int64)
+    annotation = np.zeros(len(scored.input_ids), bool)
+    noisy = np.zeros(len(scored.input_ids), bool)
+    for index, (part, answer) in enumerate(zip(scored.scores.example_slices(), answers, strict=True)):
+        response = scored.response[part]
+        trained = scored.input_ids[part][response]
+        encoded = tokenizer(answer.text + tokenizer.eos_token, add_special_tokens=False, return_offsets_mapping=True)
+        if list(encoded["input_ids"]) != trained.tolist():
+            raise RuntimeError(f"example {index}: the trained tokens are not the answer + end-of-turn token")
+        offsets = [tuple(o) for o in encoded["offset_mapping"]]
+        is_noise = majority_inside(offsets, char_mask(len(answer.text), answer.spans))
+        spans = [m.span() for m in ANNOTATION.finditer(answer.text)]
+        code = KINDS.index(answer.kind) + 1 if answer.kind else CLEAN
+        positions = np.flatnonzero(response) + part.start
+        kinds[positions] = np.where(is_noise, code, CLEAN)
+        annotation[positions] = majority_inside(offsets, char_mask(len(answer.text), spans)) & ~is_noise
+        noisy[part] = answer.kind is not None
+    return kinds, annotation, noisy
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given the mean of the ranks they span."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    boundaries = np.flatnonzero(np.diff(ordered)) + 1
+    starts = np.concatenate([[0], boundaries])
+    stops = np.concatenate([boundaries, [len(values)]])
+    ranks = np.empty(len(values), np.float64)
+    ranks[order] = np.repeat((starts + stops + 1) / 2.0, stops - starts)
+    return ranks
+
+
+def auroc_low_is_positive(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """P(positive's score < negative's score), ties half (Mann-Whitney U); NaN scores are left out."""
+    finite = np.isfinite(scores)
+    pos, neg = scores[positive & finite], scores[negative & finite]
+    if pos.size == 0 or neg.size == 0:
+        return None
+    # ranking the negated scores makes "lower" the high-rank side
+    ranks = average_ranks(-np.concatenate([pos, neg]).astype(np.float64))
+    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2
+    return round(float(u / (pos.size * neg.size)), 4)
+
+
+def precision_recall(dropped: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> dict[str, Any]:
+    """Precision / recall / F1 of `dropped` for positive vs negative tokens (others ignored)."""
+    tp = int((dropped & positive).sum())
+    fp = int((dropped & negative).sum())
+    n_pos = int(positive.sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / n_pos if n_pos else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "dropped": tp + fp}
+
+
+def groups(kinds: np.ndarray) -> dict[str, np.ndarray]:
+    """Positive token set per noise kind, plus all noise together."""
+    result = {kind: kinds == k + 1 for k, kind in enumerate(KINDS)}
+    result["all noise"] = kinds > CLEAN
+    return result
+
+
+def evaluate_drops(drop: np.ndarray, kinds: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per noise kind (vs every clean response token): P/R/F1 of any drop and of each reason bit."""
+    clean = kinds == CLEAN
+    reasons = {"any": drop > 0} | {name: (drop & bit) > 0 for name, bit in REASON_BITS.items()}
+    return {
+        group: {reason: precision_recall(mask, positive, clean) for reason, mask in reasons.items()}
+        for group, positive in groups(kinds).items()
+    }
+
+
+def annotation_drops(drop: np.ndarray, kinds: np.ndarray, annotation: np.ndarray, noisy: np.ndarray) -> dict[str, Any]:
+    """Dropped fraction of calculator-annotation tokens in the clean answers, next to all their tokens'."""
+    in_clean = (kinds == CLEAN) & ~noisy
+    reasons = {"any": drop > 0} | {name: (drop & bit) > 0 for name, bit in REASON_BITS.items()}
+
+    def fraction(where: np.ndarray) -> dict[str, float]:
+        return {reason: round(float(mask[where].mean()), 4) if where.any() else 0.0 for reason, mask in reasons.items()}
+
+    return {
+        "annotation_tokens": int((annotation & in_clean).sum()),
+        "clean_answer_tokens": int(in_clean.sum()),
+        "annotation_dropped_fraction": fraction(annotation & in_clean),
+        "all_tokens_dropped_fraction": fraction(in_clean),
+        "annotation_share_of_drops": round(
+            float((annotation & in_clean & (drop > 0)).sum() / max(1, (in_clean & (drop > 0)).sum())), 4
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# run
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": commit,
+    }
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: on a shared machine the wall time says more about the
+    neighbours than about the benchmark."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 1)
+
+
+def selections(scored: ScoredDataset, noise_fraction: float) -> dict[str, np.ndarray]:
+    """Reason bits per token of each selection compared (all from the same scores: no rescoring)."""
+    drop_ratio = round(noise_fraction, 4)
+    result = {
+        "union (default)": scored.selection.drop,
+        "union tests before caps and ceiling": scored.selection.flagged,
+    }
+    for scope in ("example", "dataset"):
+        config = XTFConfig(mode="weighted", drop_ratio=drop_ratio, scope=scope)
+        name = f"weighted, {scope} scope, drop_ratio={drop_ratio}"
+        result[name] = select_tokens(scored.scores, scored.response, scored.protected, config).drop
+    return result
+
+
+def auroc_table(scored: ScoredDataset, kinds: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """AUROC per noise kind of each attribute score and of weighted mode's combined score."""
+    response = scored.response
+    attributes = {"RI": scored.scores.ri, "KN": scored.scores.kn, "TR": scored.scores.tr}
+    for scope in ("example", "dataset"):
+        combined, _ = combined_scores(scored.scores, response, XTFConfig(mode="weighted", scope=scope))
+        attributes[f"combined ({scope})"] = combined
+    clean = (kinds == CLEAN) & response
+    return {
+        group: {
+            name: auroc_low_is_positive(np.where(response, values, np.nan), positive, clean)
+            for name, values in attributes.items()
+        }
+        for group, positive in groups(kinds).items()
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The result tables as markdown."""
+    rows = [*KINDS, "all noise"]
+    counts = results["counts"]
+    lines = [
+        "| noise kind | noisy answers | noise tokens | base rate | AUROC RI | AUROC KN | AUROC TR | AUROC combined (example) | AUROC combined (dataset) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for group in rows:
+        a = results["auroc"][group]
+        cells = [
+            f"{a[k]:.3f}" if a[k] is not None else "-"
+            for k in ("RI", "KN", "TR", "combined (example)", "combined (dataset)")
+        ]
+        lines.append(
+            f"| {group} | {counts['noisy_answers'][group]} | {counts['noise_tokens'][group]:,} | {counts['base_rate'][group]:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    for name, per_group in results["selections"].items():
+        lines += [
+            "",
+            f"**{name}** (drops {results['drop_fraction'][name]:.1%} of response tokens): precision / recall / F1",
+            "",
+        ]
+        lines += ["| noise kind | any reason | RI bit | KN bit | TR bit |", "|---|---|---|---|---|"]
+        for group in rows:
+            cells = [
+                "{precision:.2f} / {recall:.2f} / {f1:.2f}".format(**per_group[group][r])
+                for r in ("any", "reasoning", "novelty", "relevance")
+            ]
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| selection | annotation tokens dropped (any / RI / KN / TR) | all clean-answer tokens dropped (any / RI / KN / TR) | annotation share of drops |",
+        "|---|---|---|---:|",
+    ]
+    for name, a in results["calculator_annotations"].items():
+        ann, every = a["annotation_dropped_fraction"], a["all_tokens_dropped_fraction"]
+        fmt = " / ".join
+        lines.append(
+            f"| {name} | {fmt(f'{ann[r]:.1%}' for r in ann)} | {fmt(f'{every[r]:.1%}' for r in every)} | {a['annotation_share_of_drops']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"first {QUICK_ROWS} rows; no file unless --out")
+    parser.add_argument("--data", default=str(DEMO_DATA), help="GSM8K-style JSONL (question, answer)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noisy-fraction", type=float, default=0.5, help="share of answers that get noise")
+    parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/noise_detection.json)")
+    args = parser.parse_args()
+    if not 0 < args.noisy_fraction <= 1:
+        parser.error("--noisy-fraction must be in (0, 1]")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    machine = machine_info()
+
+    records = read_records(args.data)
+    if args.quick:
+        records = records[:QUICK_ROWS]
+    tokenizer = load_tokenizer("demo")
+    answers = inject_dataset(records, args.noisy_fraction, args.seed, tokenizer)
+    noisy_records = [{"question": r["question"], "answer": a.text} for r, a in zip(records, answers, strict=True)]
+    config = XTFConfig()
+    data = tokenize_records(noisy_records, tokenizer, "auto", config.max_length, source=args.data)
+    model = load_model("demo")
+    scored = score_dataset(model, tokenizer, data, config, progress=sys.stderr.isatty(), use_cache=False)
+    kinds, annotation, noisy = token_labels(scored, answers, tokenizer)
+
+    response_tokens = int(scored.response.sum())
+    noise_fraction = float((kinds > CLEAN).sum() / response_tokens)
+    chosen = selections(scored, noise_fraction)
+    clean_count = int((kinds == CLEAN).sum())
+    results: dict[str, Any] = {
+        "machine": machine,
+        "settings": {
+            "model": "demo (SmolLM2-135M-Instruct)",
+            "data": args.data if args.data != str(DEMO_DATA) else "xtf_plugin/data/gsm8k_sample.jsonl",
+            "rows": len(records),
+            "quick": args.quick,
+            "seed": args.seed,
+            "noisy_fraction": args.noisy_fraction,
+            "xtf_config": "XTFConfig() defaults (union), cache off",
+            "token_rule": "noise if >= half of the token's characters were injected",
+        },
+        "counts": {
+            "response_tokens": response_tokens,
+            "clean_tokens": clean_count,
+            "noise_fraction": round(noise_fraction, 4),
+            "noisy_answers": {g: sum(a.kind == g for a in answers) for g in KINDS}
+            | {"all noise": sum(a.kind is not None for a in answers)},
+            "noise_tokens": {g: int(m.sum()) for g, m in groups(kinds).items()},
+            "base_rate": {g: round(int(m.sum()) / (int(m.sum()) + clean_count), 4) for g, m in groups(kinds).items()},
+        },
+        "auroc": auroc_table(scored, kinds),
+        "drop_fraction": {name: round(float((d[scored.response] > 0).mean()), 4) for name, d in chosen.items()},
+        "selections": {name: evaluate_drops(d, kinds) for name, d in chosen.items()},
+        "calculator_annotations": {name: annotation_drops(d, kinds, annotation, noisy) for name, d in chosen.items()},
+        "domain_words": scored.domain_words,
+        "thresholds": scored.selection.thresholds,
+        "runtime": {
+            **scored.stats,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "cpu_seconds": cpu_seconds(),
+        },
+    }
+    print(markdown(results))
+    print(f"\nTR domain words: {', '.join(scored.domain_words)}")
+    print(
+        f"runtime: {results['runtime']['wall_seconds']} s wall, {results['runtime']['cpu_seconds']} s CPU (scoring {scored.stats['scoring_seconds']} s)"
+    )
+    out = Path(args.out) if args.out else (None if args.quick else RESULTS)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""What scoring costs: XTF's scoring (`score_dataset`, cache off) against a plain no-grad forward pass of the same
+model over the same batches (the floor) and against the released XTF procedure (`official_xtf.py`); how its
+time scales with examples and sequence length; what a re-run with only selection settings changed costs (cache
+on).
+
+Every (arm, length, repeat) runs in a fresh child process, in interleaved order (the arm order rotates every
+repeat), so the arms see the same machine load and each peak memory is the arm's own. Ratios are medians of the
+per-repeat paired ratios. Inputs are real GSM8K text (the bundled sample, repeated) cut into windows of exactly
+the target length; the second half of each window is the response.
+
+    python benchmarks/scoring_cost.py [--quick] [--repeats 3] [--model demo]
+
+Writes benchmarks/results/scoring_cost.json (with --quick: a file in the temporary folder) and prints markdown
+tables. Runs unchanged on CUDA (memory is then `torch.cuda.max_memory_allocated`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    RESULTS,
+    MemoryProbe,
+    device_name,
+    emit,
+    machine_info,
+    markdown_table,
+    median,
+    ratio,
+    run_child,
+    set_threads,
+    synthetic_examples,
+    write_json,
+)
+
+HERE = Path(__file__).resolve()
+DEFAULT_EXAMPLES = {256: 2, 1024: 1, 4096: 1}
+QUICK_EXAMPLES = {64: 2, 128: 1}
+ARMS = ("floor", "xtf", "official")
+# output_attentions=True at 4096 tokens: 30 layers x 9 heads x 4096^2 fp32 = 18 GiB for the attentions alone
+OFFICIAL_MAX_LENGTH = 1024
+
+
+# --- child side ---------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _floor_forward(model: Any, input_ids: list, batch_size: int) -> int:
+    """Plain forward (all logits, SDPA, no attentions) over the batches `score_forward` builds."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(input_ids)), key=lambda i: (-len(input_ids[i]), i))
+    passes = 0
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = [input_ids[i] for i in order[start : start + batch_size]]
+            length = max(len(x) for x in batch)
+            ids = torch.zeros(len(batch), length, dtype=torch.long)
+            valid = torch.zeros(len(batch), length, dtype=torch.long)
+            for row, seq in enumerate(batch):
+                ids[row, : len(seq)] = torch.as_tensor(seq)
+                valid[row, : len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=valid.to(device), use_cache=False).logits
+            del logits
+            passes += 1
+    return passes
+
+
+def child_arm(spec: dict[str, Any]) -> dict[str, Any]:
+    """One arm at one length: load, warm up, then time the workload and record its peak memory."""
+    import torch
+
+    from xtf_plugin.config import XTFConfig
+    from xtf_plugin.data import TokenizedData
+    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.pipeline import score_dataset
+
+    device = device_name()
+    arm, length, n = spec["arm"], spec["length"], spec["examples"]
+    tokenizer = load_tokenizer(spec["model"])
+    if arm == "official":
+        from official_xtf import load_official_model, score_official
+
+        model = load_official_model(spec["model"], device)
+    else:
+        model = load_model(spec["model"], device=device)
+    ids, labels = synthetic_examples(tokenizer, n, length)
+    config = XTFConfig()
+    with torch.no_grad():  # warm-up: kernels, thread pools, allocator
+        model(input_ids=torch.as_tensor(ids[0][:16], device=model.device)[None], use_cache=False)
+    _sync(device)
+    probe = MemoryProbe(device)
+    probe.start()
+    started = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if arm == "floor":
+        extra["forward_passes"] = _floor_forward(model, ids, config.batch_size)
+    elif arm == "xtf":
+        scored = score_dataset(model, tokenizer, TokenizedData(ids, labels), config, progress=False, use_cache=False)
+        extra.update({k: scored.stats[k] for k in ("scoring_seconds", "forward_passes")})
+    else:
+        result = score_official(model, tokenizer, ids)
+        extra.update({"forward_passes": result["forward_passes"], "distinct_strings": result["distinct_strings"]})
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return {"arm": arm, "length": length, "examples": n, "seconds": round(seconds, 3), "memory": probe.stop(), **extra}
+
+
+def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
+    """Scoring time (cache off) for 1x, 4x, 16x examples of one length, sizes interleaved within each repeat."""
+    from xtf_plugin.config import XTFConfig
+    from xtf_plugin.data import TokenizedData
+    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.pipeline import score_dataset
+
+    device = device_name()
+    tokenizer = load_tokenizer(spec["model"])
+    model = load_model(spec["model"], device=device)
+    sizes, length = spec["sizes"], spec["length"]
+    data = {n: TokenizedData(*synthetic_examples(tokenizer, n, length)) for n in sizes}
+    score_dataset(model, tokenizer, data[sizes[0]], XTFConfig(), progress=False, use_cache=False)  # warm-up
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for rep in range(spec["repeats"]):
+        order = sizes[rep % len(sizes) :] + sizes[: rep % len(sizes)]
+        for n in order:
+            _sync(device)
+            started = time.perf_counter()
+            score_dataset(model, tokenizer, data[n], XTFConfig(), progress=False, use_cache=False)
+            _sync(device)
+            times[n].append(round(time.perf_counter() - started, 3))
+    return {"length": length, "times": {str(n): t for n, t in times.items()}}
+
+
+SELECTION_CHANGES = [
+    {"drop_ratio": 0.1},
+    {"mode": "weighted", "drop_ratio": 0.15},
+    {"weights": {"novelty": 0.0}, "kn_threshold": 0.9, "protect": ["^#### .*"]},
+]
+
+
+def child_cache(spec: dict[str, Any]) -> dict[str, Any]:
+    """First scoring run into an empty cache, then a re-run with only selection settings changed."""
+    from xtf_plugin.config import XTFConfig
+    from xtf_plugin.data import read_records, tokenize_records
+    from xtf_plugin.demo import DEMO_DATA
+    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.pipeline import score_dataset
+
+    device = device_name()
+    tokenizer = load_tokenizer(spec["model"])
+    model = load_model(spec["model"], device=device)
+    data = tokenize_records(read_records(str(DEMO_DATA))[: spec["examples"]], tokenizer, "alpaca")
+    runs = []
+    for rep in range(spec["repeats"]):
+        with tempfile.TemporaryDirectory(prefix="xtf-bench-cache-") as cache_dir:
+            started = time.perf_counter()
+            first = score_dataset(model, tokenizer, data, XTFConfig(cache_dir=cache_dir), progress=False)
+            first_s = time.perf_counter() - started
+            change = SELECTION_CHANGES[rep % len(SELECTION_CHANGES)]
+            started = time.perf_counter()
+            again = score_dataset(model, tokenizer, data, XTFConfig(cache_dir=cache_dir, **change), progress=False)
+            again_s = time.perf_counter() - started
+            runs.append(
+                {
+                    "first_seconds": round(first_s, 3),
+                    "rerun_seconds": round(again_s, 3),
+                    "rerun_forward_passes": again.stats["forward_passes"],
+                    "first_forward_passes": first.stats["forward_passes"],
+                    "changed": change,
+                }
+            )
+    return {"examples": spec["examples"], "tokens": int(sum(len(x) for x in data.input_ids)), "runs": runs}
+
+
+# --- parent side --------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    examples = QUICK_EXAMPLES if args.quick else DEFAULT_EXAMPLES
+    official_max = max(examples) if args.quick else OFFICIAL_MAX_LENGTH
+    started = time.perf_counter()
+    samples: list[dict[str, Any]] = []
+    for rep in range(args.repeats):
+        for length, n in examples.items():
+            arms = [a for a in ARMS if a != "official" or length <= official_max]
+            shift = rep % len(arms)
+            for arm in arms[shift:] + arms[:shift]:
+                result = run_child(HERE, {"task": "arm", "arm": arm, "length": length, "examples": n, "model": args.model, "threads": args.threads})
+                result["repeat"] = rep
+                samples.append(result)
+                print(f"  repeat {rep} L={length} {arm:8s} {result['seconds']:8.2f} s  {result['memory']}", flush=True)
+    scaling_length = 32 if args.quick else 64
+    sizes = [1, 2, 4] if args.quick else [args.scaling_base, 4 * args.scaling_base, 16 * args.scaling_base]
+    scaling = run_child(HERE, {"task": "scaling", "length": scaling_length, "sizes": sizes, "repeats": args.repeats, "model": args.model, "threads": args.threads})
+    print(f"  scaling {scaling}", flush=True)
+    cache = run_child(HERE, {"task": "cache", "examples": 4 if args.quick else args.cache_examples, "repeats": args.repeats, "model": args.model, "threads": args.threads})
+    print(f"  cache {cache}", flush=True)
+    return {
+        "samples": samples,
+        "scaling": scaling,
+        "cache": cache,
+        "examples_per_length": {str(k): v for k, v in examples.items()},
+        "official_max_length": official_max,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _by(samples: list[dict[str, Any]], arm: str, length: int) -> dict[int, dict[str, Any]]:
+    return {s["repeat"]: s for s in samples if s["arm"] == arm and s["length"] == length}
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    samples = raw["samples"]
+    lengths = sorted({s["length"] for s in samples})
+    floor_rows, official_rows, length_rows = [], [], []
+    for length in lengths:
+        floor, xtf, official = (_by(samples, a, length) for a in ARMS)
+        reps = sorted(set(floor) & set(xtf))
+        n = xtf[reps[0]]["examples"]
+        mem = lambda arm, key: median([arm[r]["memory"][key] for r in arm])  # noqa: E731
+        row = {
+            "length": length,
+            "examples": n,
+            "tokens": n * length,
+            "floor_seconds": median([floor[r]["seconds"] for r in reps]),
+            "xtf_seconds": median([xtf[r]["seconds"] for r in reps]),
+            "xtf_forward_seconds": median([xtf[r]["scoring_seconds"] for r in reps]),
+            "time_ratio": round(median([xtf[r]["seconds"] / floor[r]["seconds"] for r in reps]), 3),
+            "floor_peak_mib": mem(floor, "peak_mib"),
+            "xtf_peak_mib": mem(xtf, "peak_mib"),
+            "peak_ratio": ratio(mem(xtf, "peak_mib"), mem(floor, "peak_mib")),
+            "floor_increment_mib": mem(floor, "increment_mib"),
+            "xtf_increment_mib": mem(xtf, "increment_mib"),
+            "increment_ratio": ratio(mem(xtf, "increment_mib"), mem(floor, "increment_mib")),
+        }
+        floor_rows.append(row)
+        length_rows.append(
+            {
+                "length": length,
+                "xtf_seconds_per_1k_tokens": round(1000 * row["xtf_seconds"] / row["tokens"], 3),
+                "floor_seconds_per_1k_tokens": round(1000 * row["floor_seconds"] / row["tokens"], 3),
+            }
+        )
+        if official:
+            reps_o = sorted(set(official) & set(xtf))
+            official_rows.append(
+                {
+                    "length": length,
+                    "examples": n,
+                    "official_seconds": median([official[r]["seconds"] for r in reps_o]),
+                    "xtf_seconds": median([xtf[r]["seconds"] for r in reps_o]),
+                    "speedup": round(median([official[r]["seconds"] / xtf[r]["seconds"] for r in reps_o]), 2),
+                    "official_forward_passes": official[reps_o[0]]["forward_passes"],
+                    "xtf_forward_passes": xtf[reps_o[0]]["forward_passes"],
+                    "official_peak_mib": mem(official, "peak_mib"),
+                    "xtf_peak_mib": mem(xtf, "peak_mib"),
+                    "peak_ratio_xtf_over_official": ratio(mem(xtf, "peak_mib"), mem(official, "peak_mib")),
+                    "official_increment_mib": mem(official, "increment_mib"),
+                    "xtf_increment_mib": mem(xtf, "increment_mib"),
+                    "increment_ratio_xtf_over_official": ratio(mem(xtf, "increment_mib"), mem(official, "increment_mib")),
+                }
+            )
+    scaling = raw["scaling"]
+    sizes = sorted(int(n) for n in scaling["times"])
+    base = median(scaling["times"][str(sizes[0])]) / sizes[0]
+    example_rows = [
+        {
+            "examples": n,
+            "tokens": n * scaling["length"],
+            "seconds": median(scaling["times"][str(n)]),
+            "seconds_per_example_vs_1x": round(median(scaling["times"][str(n)]) / n / base, 3),
+        }
+        for n in sizes
+    ]
+    cache_runs = raw["cache"]["runs"]
+    cache_row = {
+        "examples": raw["cache"]["examples"],
+        "tokens": raw["cache"]["tokens"],
+        "first_seconds": median([r["first_seconds"] for r in cache_runs]),
+        "rerun_seconds": median([r["rerun_seconds"] for r in cache_runs]),
+        "rerun_share": round(median([r["rerun_seconds"] / r["first_seconds"] for r in cache_runs]), 4),
+        "rerun_forward_passes": max(r["rerun_forward_passes"] for r in cache_runs),
+    }
+    return {
+        "vs_floor": floor_rows,
+        "vs_official": official_rows,
+        "scaling_examples": example_rows,
+        "scaling_length": length_rows,
+        "cache": cache_row,
+    }
+
+
+def tables(summary: dict[str, Any], official_max: int) -> str:
+    out = ["### Scoring cost vs a plain forward pass (floor)", ""]
+    out.append(
+        markdown_table(
+            ["length", "examples", "floor s", "XTF s", "time ratio", "peak MiB floor / XTF", "peak ratio", "increment MiB floor / XTF", "increment ratio"],
+            [
+                [r["length"], r["examples"], f"{r['floor_seconds']:.2f}", f"{r['xtf_seconds']:.2f}", f"**{r['time_ratio']:.3f}**",
+                 f"{r['floor_peak_mib']:.0f} / {r['xtf_peak_mib']:.0f}", f"**{r['peak_ratio']:.3f}**",
+                 f"{r['floor_increment_mib']:.0f} / {r['xtf_increment_mib']:.0f}", f"{r['increment_ratio']:.3f}"]
+                for r in summary["vs_floor"]
+            ],
+        )
+    )
+    out += ["", f"### Scoring cost vs the released procedure (official arm up to {official_max} tokens)", ""]
+    out.append(
+        markdown_table(
+            ["length", "examples", "official s", "XTF s", "speed-up", "forward passes official / XTF", "peak MiB official / XTF", "increment MiB official / XTF"],
+            [
+                [r["length"], r["examples"], f"{r['official_seconds']:.2f}", f"{r['xtf_seconds']:.2f}", f"**{r['speedup']:.2f}x**",
+                 f"{r['official_forward_passes']} / {r['xtf_forward_passes']}", f"{r['official_peak_mib']:.0f} / {r['xtf_peak_mib']:.0f}",
+                 f"{r['official_increment_mib']:.0f} / {r['xtf_increment_mib']:.0f}"]
+                for r in summary["vs_official"]
+            ],
+        )
+    )
+    out += ["", "### Scaling", ""]
+    out.append(
+        markdown_table(
+            ["examples", "tokens", "XTF s", "s per example vs 1x"],
+            [[r["examples"], r["tokens"], f"{r['seconds']:.2f}", f"{r['seconds_per_example_vs_1x']:.3f}"] for r in summary["scaling_examples"]],
+        )
+    )
+    out.append("")
+    out.append(
+        markdown_table(
+            ["length", "XTF s / 1k tokens", "floor s / 1k tokens", "XTF / floor"],
+            [
+                [r["length"], f"{r['xtf_seconds_per_1k_tokens']:.3f}", f"{r['floor_seconds_per_1k_tokens']:.3f}",
+                 f"{r['xtf_seconds_per_1k_tokens'] / r['floor_seconds_per_1k_tokens']:.3f}"]
+                for r in summary["scaling_length"]
+            ],
+        )
+    )
+    c = summary["cache"]
+    out += ["", "### Cache: re-run with only selection settings changed", ""]
+    out.append(
+        markdown_table(
+            ["examples", "tokens", "first run s", "re-run s", "re-run / first", "forward passes in re-run"],
+            [[c["examples"], c["tokens"], f"{c['first_seconds']:.2f}", f"{c['rerun_seconds']:.3f}", f"**{100 * c['rerun_share']:.2f}%**", c["rerun_forward_passes"]]],
+        )
+    )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per arm (default 3; --quick: 1)")
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--scaling-base", type=int, default=1, help="examples of 64 tokens at 1x (then 4x, 16x)")
+    parser.add_argument("--cache-examples", type=int, default=12, help="GSM8K examples of the cache run")
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads per process (0: torch's default)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        set_threads(spec.get("threads", 0))
+        emit({"arm": child_arm, "scaling": child_scaling, "cache": child_cache}[spec["task"]](spec))
+        return
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "scoring_cost.quick.json" if args.quick else RESULTS / "scoring_cost.json")
+    set_threads(args.threads)
+    info = machine_info()
+    raw = run(args)
+    summary = summarize(raw)
+    payload = {
+        "machine": info,
+        "settings": {
+            "model": args.model,
+            "repeats": args.repeats,
+            "examples_per_length": raw["examples_per_length"],
+            "official_max_length": raw["official_max_length"],
+            "official_skipped_above": "output_attentions=True returns every layer's [heads, L, L] probabilities: at 4096 "
+            "tokens 30 x 9 x 4096^2 x 4 B = 18 GiB for the demo model, more than the 2-core benchmark machine's memory",
+            "xtf_config": "defaults (ri_layers middle, tr vector/hidden/centred, batch_size 8), cache off except the cache test",
+            "floor": "model(input_ids, attention_mask, use_cache=False) with SDPA, all logits, no attentions, same batches",
+            "threads": args.threads,
+            "quick": args.quick,
+        },
+        "summary": summary,
+        "raw": raw,
+    }
+    write_json(out, payload)
+    print()
+    print(tables(summary, raw["official_max_length"]))
+    print(f"\nwrote {out} ({raw['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
