@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_filter(record: logging.LogRecord) -> bool:
+    """`--quiet`: errors from anyone, warnings from xtf_plugin only."""
+    return record.levelno >= logging.ERROR or (record.name.startswith("xtf_plugin") and record.levelno >= logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `xtf` console script."""
     parser = build_parser()
@@ -252,12 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         # set before torch and transformers are imported, which read these once.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TORCH_LOGS", "-all")
+    existing_handlers = list(logging.getLogger().handlers)
     logging.basicConfig(
         level=logging.INFO if args.debug else logging.ERROR if quiet else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     if quiet:
         logger.setLevel(logging.WARNING)
+        # libraries that set their own logger levels (torchao, via accelerate's ACCELERATE_LOG_LEVEL) would
+        # get past the root level: our handler itself lets through only errors, and xtf's own warnings (a
+        # host's handlers, pytest's for one, are left alone)
+        for handler in logging.getLogger().handlers:
+            if handler not in existing_handlers:
+                handler.addFilter(_quiet_filter)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         return int(args.handler(args) or 0)
