@@ -84,7 +84,7 @@ def test_killed_score_resumes_from_finished_shards(tiny_model_dir, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "scoring finished before it could be interrupted"
     finished = len(forward_entries(cache))
-    assert 1 <= finished < 3
+    assert 0 < finished < 3
     assert not out.exists()  # the output folder appears whole or not at all
     resumed = run_score(tiny_model_dir, data, out, cache, *slow)
     assert resumed["cached_shards"] == finished
