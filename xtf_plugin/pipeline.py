@@ -245,7 +245,7 @@ def _fill_vector_relevance(
         with torch.no_grad():
             table = relevance_table(model, distinct, groups, config.tr_space, config.tr_center)
         entry = {"ids": distinct, "tr": np.array([table[int(t)] for t in distinct], np.float32)}
-        if cache is not None:
+        if cache is not None and world()[1] == 0:  # every rank computed the same table; one writes it
             cache.save("relevance", key, entry)
     lookup = np.searchsorted(entry["ids"], input_ids[response])
     scores.tr[response] = entry["tr"][lookup]

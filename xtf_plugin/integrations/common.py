@@ -98,7 +98,7 @@ def mask_examples(
     if _is_main_process():
         print(summary_line(summary), file=sys.stderr, flush=True)
     else:
-        # the other ranks normally find every score in the cache the main process just wrote
+        # each rank reports its own share of the forward passes (the summary line is the main process's)
         print(
             f"XTF rank {os.environ.get('RANK')}: {summary['forward_passes']} forward passes, "
             f"{summary['cached_shards']} cached shards",
