@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from xtf_plugin.cli import build_config
 from xtf_plugin.config import XTFConfig
@@ -355,6 +356,22 @@ def train(
 
 
 ANSWER = re.compile(r"The answer is (-?\d+)")
+# the first answer is complete once a non-digit follows it: nothing generated after it can change the score
+ANSWER_GIVEN = re.compile(r"The answer is -?\d+\D")
+
+
+class AnswerGiven(StoppingCriteria):
+    """Stopping criterion: a row is done once its first answer is complete. Greedy decoding of the other rows
+    is unaffected, so accuracy is the same as generating to `max_new_tokens`, in a fraction of the time for
+    arms that ramble after the answer."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([bool(ANSWER_GIVEN.search(text)) for text in texts], device=input_ids.device)
 
 
 @torch.no_grad()
@@ -369,6 +386,7 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], max_new_to
         generated = model.generate(
             **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([AnswerGiven(tokenizer, encoded["input_ids"].shape[1])]),
         )
         texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
         for problem, text in zip(chunk, texts, strict=True):
@@ -540,6 +558,57 @@ def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequenc
     return result
 
 
+def run_seeds_in_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Every seed in a child process of its own (one CPU thread each, at most `args.jobs` at once), merged
+    into one result as `full_run` returns it. The first seed's child also evaluates the base model.
+
+    On two cores two single-thread processes train faster than one two-thread process, and do not stall when
+    the machine is shared (OpenMP barriers do).
+    """
+    import subprocess
+
+    started = time.perf_counter()
+    common = ["--train-size", str(args.train_size), "--eval-size", str(args.eval_size), "--recipe", args.recipe,
+              "--model", args.model, "--threads", "1", "--jobs", "1", "--arms", *args.arms]
+    for setting in args.set:
+        common += ["--set", setting]
+    outputs = {seed: workdir / f"seed{seed}.json" for seed in args.seeds}
+    pending = list(args.seeds)
+    running: list[tuple[int, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            extra = [] if seed == args.seeds[0] and not args.no_base else ["--no-base"]
+            command = [sys.executable, str(Path(__file__).resolve()), *common, "--seeds", str(seed), *extra,
+                       "--out", str(outputs[seed])]
+            running.append((seed, subprocess.Popen(command)))
+        time.sleep(2)
+        for seed, process in list(running):
+            if process.poll() is not None:
+                running.remove((seed, process))
+                if process.returncode:
+                    raise SystemExit(f"downstream: the seed-{seed} process failed (exit {process.returncode}); "
+                                     f"what it finished is in {outputs[seed]}")
+    parts = [json.loads(outputs[seed].read_text()) for seed in args.seeds]
+    merged: dict[str, Any] = {"arms": {name: [run for part in parts for run in part["arms"][name]]
+                                       for name in parts[0]["arms"]}}
+    merged["summary"] = {name: mean_spread([r["accuracy"] for r in runs]) for name, runs in merged["arms"].items() if runs}
+    if "xtf" in parts[0]:
+        merged["xtf"] = dict(parts[0]["xtf"])
+        controls = [part["xtf"]["random_control_precision_on_noise"] for part in parts
+                    if "random_control_precision_on_noise" in part.get("xtf", {})]
+        if controls:
+            merged["xtf"]["random_control_precision_on_noise"] = round(statistics.fmean(controls), 4)
+    for part in parts:
+        for key in ("base_accuracy", "base_samples"):
+            if key in part:
+                merged[key] = part[key]
+    merged["timings"] = {**{f"seed{seed}": part["timings"] for seed, part in zip(args.seeds, parts, strict=True)},
+                         "processes": min(args.jobs, len(args.seeds)),
+                         "total_seconds": round(time.perf_counter() - started, 1)}
+    return merged
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """Accuracy per arm and seed, mean and half-range, the base model first."""
     titles = {"a_clean": "(a) clean", "b_noisy": "(b) noisy", "c_noisy_xtf": "(c) noisy + XTF",
@@ -575,7 +644,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="XTF setting for arms (c) and (d), as `xtf score --set` (default: the defaults)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the process (with --jobs > 1: 1 each)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="seeds run in this many processes at once, one CPU thread each (1: all in this process)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.quick:
@@ -605,7 +676,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = {
         "model": args.model, "train_size": args.train_size, "eval_size": args.eval_size, "seeds": args.seeds,
         "data_seed": data_seed, "train": asdict(setup.settings), "lora_targets": "all-linear",
-        "max_new_tokens": max_new_tokens, "threads": args.threads, "quick": args.quick,
+        "max_new_tokens": max_new_tokens, "quick": args.quick,
+        **({"threads": 1, "processes": min(args.jobs, len(args.seeds))} if args.jobs > 1 and len(args.seeds) > 1
+           else {"threads": args.threads}),
         "xtf_config": "defaults (XTFConfig())" if not args.set else "defaults with " + ", ".join(args.set),
     }
     out = Path(args.out)
@@ -632,8 +705,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(document, indent=2) + "\n")
 
-        run = full_run(setup, args.recipe, args.seeds, args.arms, not args.no_base, checkpoint,
-                       build_config(None, args.set))
+        if args.jobs > 1 and len(args.seeds) > 1:
+            run = run_seeds_in_processes(args, workdir)
+            checkpoint(run)
+        else:
+            run = full_run(setup, args.recipe, args.seeds, args.arms, not args.no_base, checkpoint,
+                           build_config(None, args.set))
         print(markdown_table(run))
         print(f"wrote {out} in {time.perf_counter() - started:.0f}s (work files in {workdir})", file=sys.stderr)
         return

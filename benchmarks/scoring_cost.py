@@ -120,7 +120,8 @@ def child_arm(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
-    """Scoring time (cache off) for 1x, 4x, 16x examples of one length, sizes interleaved within each repeat."""
+    """Scoring time (cache off) and the floor's time for 1x, 4x, 16x examples of one length; sizes and arms
+    interleaved within each repeat, so each size's ratio is paired."""
     from xtf_plugin.config import XTFConfig
     from xtf_plugin.data import TokenizedData
     from xtf_plugin.loading import load_model, load_tokenizer
@@ -133,15 +134,22 @@ def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
     data = {n: TokenizedData(*synthetic_examples(tokenizer, n, length)) for n in sizes}
     score_dataset(model, tokenizer, data[sizes[0]], XTFConfig(), progress=False, use_cache=False)  # warm-up
     times: dict[int, list[float]] = {n: [] for n in sizes}
+    floor_times: dict[int, list[float]] = {n: [] for n in sizes}
     for rep in range(spec["repeats"]):
         order = sizes[rep % len(sizes) :] + sizes[: rep % len(sizes)]
         for n in order:
-            _sync(device)
-            started = time.perf_counter()
-            score_dataset(model, tokenizer, data[n], XTFConfig(), progress=False, use_cache=False)
-            _sync(device)
-            times[n].append(round(time.perf_counter() - started, 3))
-    return {"length": length, "times": {str(n): t for n, t in times.items()}}
+            arms = ("xtf", "floor") if rep % 2 == 0 else ("floor", "xtf")
+            for arm in arms:
+                _sync(device)
+                started = time.perf_counter()
+                if arm == "xtf":
+                    score_dataset(model, tokenizer, data[n], XTFConfig(), progress=False, use_cache=False)
+                else:
+                    _floor_forward(model, data[n].input_ids, XTFConfig().batch_size)
+                _sync(device)
+                (times if arm == "xtf" else floor_times)[n].append(round(time.perf_counter() - started, 3))
+    return {"length": length, "times": {str(n): t for n, t in times.items()},
+            "floor_times": {str(n): t for n, t in floor_times.items()}}
 
 
 SELECTION_CHANGES = [
@@ -282,6 +290,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             "tokens": n * scaling["length"],
             "seconds": median(scaling["times"][str(n)]),
             "seconds_per_example_vs_1x": round(median(scaling["times"][str(n)]) / n / base, 3),
+            "floor_seconds": median(scaling["floor_times"][str(n)]),
+            "time_ratio": round(median([x / f for x, f in zip(scaling["times"][str(n)], scaling["floor_times"][str(n)], strict=True)]), 3),
         }
         for n in sizes
     ]
@@ -331,8 +341,9 @@ def tables(summary: dict[str, Any], official_max: int) -> str:
     out += ["", "### Scaling", ""]
     out.append(
         markdown_table(
-            ["examples", "tokens", "XTF s", "s per example vs 1x"],
-            [[r["examples"], r["tokens"], f"{r['seconds']:.2f}", f"{r['seconds_per_example_vs_1x']:.3f}"] for r in summary["scaling_examples"]],
+            ["examples", "tokens", "XTF s", "s per example vs 1x", "floor s", "XTF / floor"],
+            [[r["examples"], r["tokens"], f"{r['seconds']:.2f}", f"{r['seconds_per_example_vs_1x']:.3f}",
+              f"{r['floor_seconds']:.2f}", f"{r['time_ratio']:.3f}"] for r in summary["scaling_examples"]],
         )
     )
     out.append("")

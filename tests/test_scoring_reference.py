@@ -527,10 +527,37 @@ GEMMA2 = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "n
           "sliding_window": 8}
 
 
+def split_capture_into_chunks(monkeypatch, rows: int) -> None:
+    """Make the RI capture work in chunks of `rows` query rows (real models get >= 64), so that examples of
+    tens of tokens cross chunk boundaries: causal truncation, the diagonal block and the window per chunk."""
+    monkeypatch.setattr(attention_module, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(attention_module, "_MIN_CHUNK_ROWS", rows)
+
+
+@pytest.mark.parametrize("rows", [5, 16])
+@pytest.mark.parametrize("exclude_sink", [True, False], ids=["sink-excluded", "raw"])
+def test_ri_in_chunks_matches_reference(rows, exclude_sink, monkeypatch, models, reference_outputs, all_examples):
+    split_capture_into_chunks(monkeypatch, rows)
+    ids, labels = all_examples["gqa"]
+    config = XTFConfig(ri_layers="all", ri_exclude_sink=exclude_sink, batch_size=4)
+    scores = score_forward(models["gqa"], ids, labels, config, progress=False)
+    expected = [reference_ri(f, y, [0, 1, 2], exclude_sink) for f, y in zip(reference_outputs["gqa"], labels, strict=True)]
+    assert_close(per_example(scores, "ri"), expected, what="RI")
+
+
+def test_capture_refuses_left_padding():
+    query, key = torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="right-padded"):
+        attention_module.attention_received(query, key, torch.tensor([[False, True, True, True]]), 1.0, True)
+
+
+@pytest.mark.parametrize("rows", [None, 5], ids=["one-chunk", "chunks"])
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_eager_models_match_reference(family, model_dirs, tmp_path, tiny_tokenizer):
+def test_eager_models_match_reference(family, rows, model_dirs, tmp_path, tiny_tokenizer, monkeypatch):
     """A model loaded with eager attention is scored with its own eager attention; the mapping gets no
     lasting 'eager' entry."""
+    if rows:
+        split_capture_into_chunks(monkeypatch, rows)
     if family == "llama":
         directory = model_dirs["gqa"]
         layers = [0, 1, 2]

@@ -22,7 +22,7 @@ from xtf_plugin.scores import TokenScores
 from xtf_plugin.scoring.attention import capture_attention_received, resolve_layers
 from xtf_plugin.scoring.novelty import novelty_from_log_probs, token_log_probs
 
-SCORER_VERSION = 4
+SCORER_VERSION = 5
 """Bumped whenever the scoring math changes, so stale cache entries are never reused."""
 
 
