@@ -284,11 +284,15 @@ def xtf_report(scored: ScoredDataset, noise: Sequence[np.ndarray], tokenizer: An
     }
 
 
-def score_xtf(model: Any, tokenizer: Any, data: TokenizedData, config: XTFConfig) -> ScoredDataset:
-    """XTF scored by the frozen base model (no cache: every number is recomputed)."""
+def score_xtf(model: Any, tokenizer: Any, data: TokenizedData, config: XTFConfig, cache_dir: str | None = None
+              ) -> ScoredDataset:
+    """XTF scored by the frozen base model; with `cache_dir`, through the score cache (the seed processes of
+    one run share it, so the noisy set is scored once), else recomputed."""
+    if cache_dir:
+        config = config.model_copy(update={"cache_dir": cache_dir})
     # The base model's parameters still require grad (it is the same class that LoRA trains).
     with torch.no_grad():
-        return score_dataset(model, tokenizer, data, config, progress=False, use_cache=False)
+        return score_dataset(model, tokenizer, data, config, progress=False, use_cache=bool(cache_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -502,9 +506,11 @@ def precision_check(setup: Setup, recipes: Sequence[str], n_examples: int) -> di
 
 
 def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequence[str], base_eval: bool,
-             checkpoint: Any, config: XTFConfig) -> dict[str, Any]:
+             checkpoint: Any, config: XTFConfig, score_cache: str | None = None, score_late: bool = False
+             ) -> dict[str, Any]:
     """The four arms at every seed, then the base model once; `checkpoint(result)` is called after every run
-    so that an interrupted benchmark keeps what finished."""
+    so that an interrupted benchmark keeps what finished. XTF scores the noisy set first (through
+    `score_cache` if given), or with `score_late` only when an arm first needs it."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     base = load_base(setup.model_path).eval()
@@ -513,20 +519,27 @@ def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequenc
     result: dict[str, Any] = {"arms": {ARM_NAMES[a]: [] for a in arms}, "timings": timings}
     xtf_labels: list[np.ndarray] = []
     counts: list[int] = []
-    if "c" in arms or "d" in arms:
+
+    def score_noisy_set() -> None:
         scoring = time.perf_counter()
-        scored = score_xtf(base, setup.tokenizer, data, config)
+        scored = score_xtf(base, setup.tokenizer, data, config, score_cache)
         timings["xtf_scoring_seconds"] = round(time.perf_counter() - scoring, 1)
+        timings["xtf_cached_shards"] = scored.stats.get("cached_shards", 0)
         report = xtf_report(scored, noise, setup.tokenizer)
         print(f"[xtf] dropped {report['dropped_fraction']:.3f} of response tokens, precision on noise "
               f"{report['precision_on_noise']:.3f}, recall {report['recall_of_noise']:.3f}", flush=True)
-        xtf_labels = scored.per_example(scored.filtered_labels)
-        counts = [int((new == -100).sum() - (old == -100).sum()) for new, old in zip(xtf_labels, data.labels, strict=True)]
+        xtf_labels.extend(scored.per_example(scored.filtered_labels))
+        counts.extend(int((new == -100).sum() - (old == -100).sum()) for new, old in zip(xtf_labels, data.labels, strict=True))
         result["xtf"] = report
         checkpoint(result)
+
+    if not score_late and ("c" in arms or "d" in arms):
+        score_noisy_set()
     random_precision = []
     for seed in seeds:
         for arm in arms:
+            if arm in ("c", "d") and not xtf_labels:
+                score_noisy_set()
             if arm == "a":
                 run = run_arm(setup, clean_data, clean_data.labels, seed, "a clean")
             elif arm == "b":
@@ -560,7 +573,9 @@ def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequenc
 
 def run_seeds_in_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Every seed in a child process of its own (one CPU thread each, at most `args.jobs` at once), merged
-    into one result as `full_run` returns it. The first seed's child also evaluates the base model.
+    into one result as `full_run` returns it. The children share a score cache: the first seed scores the
+    noisy set while the others train their first arms, and they read its scores when they reach arm (c); the
+    last seed's child evaluates the base model, which balances the two.
 
     On two cores two single-thread processes train faster than one two-thread process, and do not stall when
     the machine is shared (OpenMP barriers do).
@@ -578,9 +593,10 @@ def run_seeds_in_processes(args: argparse.Namespace, workdir: Path) -> dict[str,
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
-            extra = [] if seed == args.seeds[0] and not args.no_base else ["--no-base"]
+            extra = [] if seed == args.seeds[-1] and not args.no_base else ["--no-base"]
+            extra += [] if seed == args.seeds[0] else ["--score-late"]
             command = [sys.executable, str(Path(__file__).resolve()), *common, "--seeds", str(seed), *extra,
-                       "--out", str(outputs[seed])]
+                       "--score-cache", str(workdir / "scores"), "--out", str(outputs[seed])]
             running.append((seed, subprocess.Popen(command)))
         time.sleep(2)
         for seed, process in list(running):
@@ -648,6 +664,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2,
                         help="seeds run in this many processes at once, one CPU thread each (1: all in this process)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--score-cache", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--score-late", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.train_size, args.eval_size = args.seeds[:1], 24, 16
@@ -710,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             checkpoint(run)
         else:
             run = full_run(setup, args.recipe, args.seeds, args.arms, not args.no_base, checkpoint,
-                           build_config(None, args.set))
+                           build_config(None, args.set), args.score_cache, args.score_late)
         print(markdown_table(run))
         print(f"wrote {out} in {time.perf_counter() - started:.0f}s (work files in {workdir})", file=sys.stderr)
         return
