@@ -42,10 +42,11 @@ lint:
 # smoke run of the performance scripts.
 bench: bench-perf bench-quality
 
-# Performance: scoring cost, scaling and cache, then training overhead.
+# Performance: scoring cost, scaling and cache, then training overhead (TRL, then axolotl).
 bench-perf:
 	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
-	python benchmarks/scoring_cost.py $(BENCH_ARGS) && python benchmarks/training_overhead.py $(BENCH_ARGS)
+	python benchmarks/scoring_cost.py $(BENCH_ARGS) && python benchmarks/training_overhead.py $(BENCH_ARGS) && \
+	python benchmarks/axolotl_overhead.py $(BENCH_ARGS)
 
 # Quality: detection of injected noise, then the downstream LoRA experiment (four arms, two seeds).
 bench-quality:
