@@ -413,6 +413,11 @@ def mean_spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def arm_summary(arms: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Accuracy mean and spread over the seeds of every arm that has run."""
+    return {name: mean_spread([run["accuracy"] for run in runs]) for name, runs in arms.items() if runs}
+
+
 def machine() -> dict[str, Any]:
     import transformers
     import trl
@@ -555,9 +560,7 @@ def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequenc
                 result["xtf"]["random_control_precision_on_noise"] = round(statistics.fmean(random_precision), 4)
                 run = run_arm(setup, data, random_labels, seed, "d noisy+random")
             result["arms"][ARM_NAMES[arm]].append(run)
-            result["summary"] = {
-                name: mean_spread([r["accuracy"] for r in runs]) for name, runs in result["arms"].items() if runs
-            }
+            result["summary"] = arm_summary(result["arms"])
             checkpoint(result)
     if base_eval:
         evaluating = time.perf_counter()
@@ -608,7 +611,7 @@ def run_seeds_in_processes(args: argparse.Namespace, workdir: Path) -> dict[str,
     parts = [json.loads(outputs[seed].read_text()) for seed in args.seeds]
     merged: dict[str, Any] = {"arms": {name: [run for part in parts for run in part["arms"][name]]
                                        for name in parts[0]["arms"]}}
-    merged["summary"] = {name: mean_spread([r["accuracy"] for r in runs]) for name, runs in merged["arms"].items() if runs}
+    merged["summary"] = arm_summary(merged["arms"])
     if "xtf" in parts[0]:
         merged["xtf"] = dict(parts[0]["xtf"])
         controls = [part["xtf"]["random_control_precision_on_noise"] for part in parts
