@@ -9,7 +9,8 @@ answer on a clean held-out set:
 * (c) noisy + XTF: the noisy set, with the tokens that XTF (default settings, the package's `score_dataset`)
   drops set to label -100;
 * (d) noisy + random: the noisy set with, in every example, as many random response tokens dropped as XTF
-  dropped there (never the final EOS): the control that tells filtering from merely training on fewer tokens.
+  dropped there (never a token XTF protects, nor the final EOS): the control that tells filtering from merely
+  training on fewer tokens.
 
 Writes benchmarks/results/downstream.json and prints a markdown table.
 
@@ -239,13 +240,21 @@ def tokenize(examples: Sequence[Example], tokenizer: Any) -> tuple[TokenizedData
     return data, noise_masks
 
 
-def random_drop_labels(labels: Sequence[np.ndarray], counts: Sequence[int], seed: int) -> list[np.ndarray]:
-    """Labels with `counts[i]` random response tokens of example i set to -100, never the last (EOS)."""
+def random_drop_labels(
+    labels: Sequence[np.ndarray], counts: Sequence[int], protected: Sequence[np.ndarray], seed: int
+) -> list[np.ndarray]:
+    """Labels with `counts[i]` random response tokens of example i set to -100.
+
+    Like XTF, the control never drops a token XTF protects (`protected[i]`, bool `[L_i]`: EOS, end of turn,
+    `protect` spans) nor the last response token: otherwise a `protect` setting would favour arm (c) by
+    keeping, say, the answer line that arm (d) loses at random.
+    """
     rng = np.random.default_rng(seed)
     out = []
-    for row, count in zip(labels, counts, strict=True):
+    for row, count, keep in zip(labels, counts, protected, strict=True):
         row = row.copy()
-        candidates = np.flatnonzero(row != -100)[:-1]
+        candidates = np.flatnonzero((row != -100) & ~keep)
+        candidates = candidates[candidates != np.flatnonzero(row != -100)[-1]]
         row[rng.choice(candidates, size=min(count, len(candidates)), replace=False)] = -100
         out.append(row)
     return out
@@ -523,6 +532,7 @@ def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequenc
     _, data, noise = noisy_set(setup, recipe_name)
     result: dict[str, Any] = {"arms": {ARM_NAMES[a]: [] for a in arms}, "timings": timings}
     xtf_labels: list[np.ndarray] = []
+    protected: list[np.ndarray] = []
     counts: list[int] = []
 
     def score_noisy_set() -> None:
@@ -534,6 +544,7 @@ def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequenc
         print(f"[xtf] dropped {report['dropped_fraction']:.3f} of response tokens, precision on noise "
               f"{report['precision_on_noise']:.3f}, recall {report['recall_of_noise']:.3f}", flush=True)
         xtf_labels.extend(scored.per_example(scored.filtered_labels))
+        protected.extend(scored.per_example(scored.protected))
         counts.extend(int((new == -100).sum() - (old == -100).sum()) for new, old in zip(xtf_labels, data.labels, strict=True))
         result["xtf"] = report
         checkpoint(result)
@@ -552,7 +563,7 @@ def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequenc
             elif arm == "c":
                 run = run_arm(setup, data, xtf_labels, seed, "c noisy+xtf")
             else:
-                random_labels = random_drop_labels(data.labels, counts, seed=1000 + seed)
+                random_labels = random_drop_labels(data.labels, counts, protected, seed=1000 + seed)
                 dropped = np.concatenate(
                     [(new == -100) & (old != -100) for new, old in zip(random_labels, data.labels, strict=True)]
                 )

@@ -267,9 +267,7 @@ def main() -> None:
             "seed": 0,
             "threads": args.threads,
             "xtf_config": "defaults + protect '^#### .*'",
-            "axolotl": "not run as `axolotl train`: XTFPlugin changes only the training set's labels at load_datasets "
-            "and adds an on_log callback, i.e. the XTFSFTTrainer arm's per-step work; two `axolotl train` runs "
-            "(process start, config, dataset preparation) would not fit the benchmark's time budget on two cores",
+            "axolotl": "measured separately by axolotl_overhead.py (`axolotl train`, XTFPlugin vs no plugin)",
             "quick": args.quick,
         },
         "summary": rows,

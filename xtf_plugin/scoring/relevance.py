@@ -99,6 +99,7 @@ def relevance_table(
     domain_ids = sorted({int(t) for group in domain_groups for t in group})
     all_ids = np.array(sorted(set(int(t) for t in token_ids) | set(domain_ids)), dtype=np.int64)
     vectors = context_free_vectors(model, all_ids, space).double()
+    _check_finite_vectors(vectors, all_ids, set(domain_ids))
     row = {int(t): i for i, t in enumerate(all_ids)}
     if center:
         vectors = vectors - vectors.mean(dim=0, keepdim=True)
@@ -106,3 +107,19 @@ def relevance_table(
     domain = words.mean(dim=0)
     cosine = torch.nn.functional.cosine_similarity(vectors, domain[None, :], dim=1, eps=1e-12)
     return {int(t): float(cosine[row[int(t)]]) for t in token_ids}
+
+
+def _check_finite_vectors(vectors: torch.Tensor, token_ids: np.ndarray, domain_ids: set[int]) -> None:
+    """Raise `XTFError` naming the first token whose vector (float64 `[N, hidden]`, rows for `token_ids`) is
+    not finite: centring spreads one NaN row over every cosine, and the table would be cached."""
+    bad = (~torch.isfinite(vectors)).any(dim=1).nonzero().flatten().tolist()
+    if not bad:
+        return
+    token = int(token_ids[bad[0]])
+    kind = "NaN" if torch.isnan(vectors[bad[0]]).any() else "inf"
+    role = "a token of the TR domain words" if token in domain_ids else "a response token"
+    others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    raise XTFError(
+        f"the model produced {kind} vectors for token id {token}{others}, {role}, in the TR relevance table: "
+        "broken weights, or float16 overflow; try --dtype float32 or bfloat16"
+    )
