@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from xtf_plugin.config import XTFConfig
-from xtf_plugin.errors import XTFError
+from xtf_plugin.errors import NON_FINITE_HINT, XTFError
 from xtf_plugin.scores import TokenScores
 from xtf_plugin.scoring.attention import capture_attention_received, resolve_layers
 from xtf_plugin.scoring.novelty import novelty_from_log_probs, token_log_probs
@@ -215,6 +215,5 @@ def _check_finite(
     kind = "NaN" if (torch.isnan(values[:, row]) & scored[row]).any() else "inf"
     others = f" (and {len(rows) - 1} more in the same batch)" if len(rows) > 1 else ""
     raise XTFError(
-        f"the model produced {kind} scores in example {examples[row] + 1}{others}: broken weights, or float16 "
-        "overflow; try --dtype float32 or bfloat16"
+        f"the model produced {kind} scores in example {examples[row] + 1}{others}: {NON_FINITE_HINT}"
     )

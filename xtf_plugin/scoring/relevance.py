@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from xtf_plugin.errors import XTFError
+from xtf_plugin.errors import NON_FINITE_HINT, XTFError
 
 _BATCH = 256
 
@@ -121,5 +121,5 @@ def _check_finite_vectors(vectors: torch.Tensor, token_ids: np.ndarray, domain_i
     others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     raise XTFError(
         f"the model produced {kind} vectors for token id {token}{others}, {role}, in the TR relevance table: "
-        "broken weights, or float16 overflow; try --dtype float32 or bfloat16"
+        f"{NON_FINITE_HINT}"
     )
