@@ -1,10 +1,11 @@
 """Shared helpers of the performance benchmarks: machine info, synthetic GSM8K sequences, memory probes, child
 processes and small statistics.
 
-Every timing arm runs in a fresh child process (`run_child`), so that its peak memory is its own: on CPU the
-child's peak RSS (`getrusage`) and the increment over the RSS right after the model is loaded (the peak is
-reset there through `/proc/self/clear_refs`, so the increment is the workload's own peak); on CUDA
-`torch.cuda.max_memory_allocated`, in total and over what was allocated after loading.
+Every timing arm runs in a child process of its own (`run_child`, or a `Worker` that loads once and runs the
+workload on request), so that its peak memory is its own: on CPU the child's peak RSS (`getrusage`) and the
+increment over the RSS right after the model is loaded (the peak is reset there through `/proc/self/clear_refs`,
+so the increment is the workload's own peak); on CUDA `torch.cuda.max_memory_allocated`, in total and over what
+was allocated after loading.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,18 +177,22 @@ def emit(result: dict[str, Any]) -> None:
     print(_MARK + json.dumps(result), flush=True)
 
 
-def run_child(script: Path, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run `python script --child JSON` in a fresh process and return the result it `emit`s (`spec["threads"]`,
-    when > 0, sets the child's OMP_NUM_THREADS)."""
+def _child_env(spec: dict[str, Any]) -> dict[str, str]:
+    """Offline, quiet, this checkout first on the path; `spec["threads"]` (when > 0) sets OMP_NUM_THREADS."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
     if spec.get("threads", 0) > 0:
         env["OMP_NUM_THREADS"] = str(spec["threads"])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_child(script: Path, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run `python script --child JSON` in a fresh process and return the result it `emit`s."""
     done = subprocess.run(
         [sys.executable, str(script), "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
-        env=env,
+        env=_child_env(spec),
         timeout=timeout,
         check=False,
     )
@@ -194,6 +200,58 @@ def run_child(script: Path, spec: dict[str, Any], timeout: float | None = None) 
         if line.startswith(_MARK):
             return json.loads(line[len(_MARK) :])
     raise RuntimeError(f"child {spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def serve_requests(workload: Callable[[int], dict[str, Any]]) -> None:
+    """Worker side: `emit` a ready mark, then run `workload(k)` for the k-th request line on stdin and `emit` each
+    result, until stdin closes."""
+    emit({"ready": True})
+    for k, _ in enumerate(sys.stdin):
+        emit(workload(k))
+
+
+class Worker:
+    """A child process (`python script --child JSON`) that loads its model once and then runs its workload on
+    every `request()`, so that repeats do not pay for process start and model loading again.
+
+    Start several at once (they load side by side, which is not timed), then `wait_ready()` each before the first
+    request: only one workload runs at a time, the others wait on their stdin.
+    """
+
+    def __init__(self, script: Path, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker; closed in close())
+        self._process = subprocess.Popen(
+            [sys.executable, str(script), "--child", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=_child_env(spec),
+        )
+
+    def _result(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            if line.startswith(_MARK):
+                return json.loads(line[len(_MARK) :])
+        self._process.wait()
+        self._stderr.seek(0)
+        raise RuntimeError(f"worker {self.spec} failed (exit {self._process.returncode}):\n{self._stderr.read()[-3000:]}")
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded and warmed up."""
+        self._result()
+
+    def request(self) -> dict[str, Any]:
+        """Run the workload once more and return its result."""
+        assert self._process.stdin is not None
+        self._process.stdin.write("run\n")
+        self._process.stdin.flush()
+        return self._result()
+
+    def close(self) -> None:
+        """End the worker (it exits when its stdin closes)."""
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        self._process.wait()
+        self._stderr.close()
 
 
 # --- statistics and output ----------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 """Training overhead of XTF in axolotl: `axolotl train` step time with `XTFPlugin` against the same run without.
 
 Two configs that differ only in `plugins: [xtf_plugin.XTFPlugin]` + the `xtf:` block (demo model, LoRA r=16 on
-every linear layer, the first 40 bundled GSM8K examples, batch 4, sequence_len 256, seed 0, 10 steps, the
-settings of `training_overhead.py`). Both are preprocessed first (`axolotl preprocess`: tokenising, and for
-the XTF arm scoring into the score cache), then both `axolotl train` runs start at once, one CPU thread each,
-so that they run side by side under the same machine load (twice by default: `--repeats`); a benchmark-only plugin
-(`axolotl_step_timer.py`) records when every step ends. A step's time runs from the previous step's end
-(or the start of training) to its own, so data loading and logging are included. The first 2 steps are
-warm-up in every run; the ratio is the median over all timed steps of the paired per-step ratio XTF / baseline.
+every linear layer, the first 40 bundled GSM8K examples, batch 4, sequence_len 256, seed 0, 10 steps: the settings
+of `training_overhead.py`). Both are preprocessed first (`axolotl preprocess`: tokenising, and for the XTF arm
+scoring into the score cache), then both `axolotl train` runs start at once, one CPU thread each, so that they run
+side by side under the same machine load (`--repeats` runs more pairs and pools their steps); a benchmark-only
+plugin (`axolotl_step_timer.py`) records when every step ends. A step's time runs from the previous step's end (or
+the start of training) to its own, so data loading and logging are included. The first 2 steps are warm-up in every
+run; the ratio is the median over all timed steps of the paired per-step ratio XTF / baseline.
 
-    python benchmarks/axolotl_overhead.py [--quick] [--steps 10] [--examples 40]
+    python benchmarks/axolotl_overhead.py [--quick] [--steps 10] [--repeats 1] [--examples 40]
 
 Writes benchmarks/results/axolotl_overhead.json (with --quick: a file in the temporary folder) and prints a
 markdown table.
@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="pairs of train runs (the ratio pools their steps)")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of train runs (the ratio pools their steps)")
     parser.add_argument("--examples", type=int, default=40)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--out", default=None)

@@ -115,16 +115,17 @@ def random_problem(rng: random.Random) -> Problem:
 
 
 def make_splits(n_train: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Train and held-out problems; no arithmetic (start, deltas) is shared between or within them."""
+    """Train and held-out problems; no arithmetic (start, deltas) is shared between or within them. The held-out
+    problems are drawn first, so they do not depend on `n_train`."""
     rng = random.Random(seed)
     seen: set[tuple[int, int, int]] = set()
     problems: list[Problem] = []
-    while len(problems) < n_train + n_eval:
+    while len(problems) < n_eval + n_train:
         problem = random_problem(rng)
         if problem.key not in seen:
             seen.add(problem.key)
             problems.append(problem)
-    return problems[:n_train], problems[n_train:]
+    return problems[n_eval:], problems[:n_eval]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,8 +388,13 @@ class AnswerGiven(StoppingCriteria):
         return torch.tensor([bool(ANSWER_GIVEN.search(text)) for text in texts], device=input_ids.device)
 
 
+# Generation on one CPU thread: 300 problems in batches of 128 took 169 s, of 64 193 s, of 16 258 s (same
+# answers); larger batches use the matrix units better than waiting less on a batch's slowest row saves.
+EVAL_BATCH = 150
+
+
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], max_new_tokens: int, batch: int = 64
+def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], max_new_tokens: int, batch: int = EVAL_BATCH
              ) -> tuple[float, list[str]]:
     """Exact-match accuracy of the greedy final answer (the first `The answer is N`), and the generations."""
     tokenizer.padding_side = "left"
@@ -661,7 +667,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sets, one seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--train-size", type=int, default=320)
+    parser.add_argument("--train-size", type=int, default=256)
     parser.add_argument("--eval-size", type=int, default=300)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE)
     parser.add_argument("--calibrate", nargs="*", metavar="RECIPE", default=None,

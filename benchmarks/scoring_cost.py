@@ -3,9 +3,10 @@ model over the same batches (the floor) and against the released XTF procedure (
 time scales with examples and sequence length; what a re-run with only selection settings changed costs (cache
 on).
 
-Every (arm, length, repeat) runs in a fresh child process, in interleaved order (the arm order rotates every
-repeat), so the arms see the same machine load and each peak memory is the arm's own. Ratios are medians of the
-per-repeat paired ratios. Inputs are real GSM8K text (the bundled sample, repeated) cut into windows of exactly
+Every (arm, length) runs in a child process of its own that loads the model once and then runs the workload once
+per repeat; repeats are interleaved (the arm order rotates every repeat), so the arms see the same machine load.
+Peak memory is taken from each process's first run, so it is the arm's own from a fresh start. Ratios are medians
+of the per-repeat paired ratios. Inputs are real GSM8K text (the bundled sample, repeated) cut into windows of exactly
 the target length; the second half of each window is the response.
 
     python benchmarks/scoring_cost.py [--quick] [--repeats 3] [--model demo]
@@ -27,6 +28,7 @@ from typing import Any
 from _common import (
     RESULTS,
     MemoryProbe,
+    Worker,
     device_name,
     emit,
     machine_info,
@@ -34,6 +36,7 @@ from _common import (
     median,
     ratio,
     run_child,
+    serve_requests,
     set_threads,
     synthetic_examples,
     write_json,
@@ -79,8 +82,9 @@ def _floor_forward(model: Any, input_ids: list, batch_size: int) -> int:
     return passes
 
 
-def child_arm(spec: dict[str, Any]) -> dict[str, Any]:
-    """One arm at one length: load, warm up, then time the workload and record its peak memory."""
+def child_arm(spec: dict[str, Any]) -> None:
+    """Worker of one arm at one length: load, warm up, then on every request time the workload and record its
+    peak memory (the process's own only on the first request: later ones reuse what the allocator kept)."""
     import torch
 
     from xtf_plugin.config import XTFConfig
@@ -102,21 +106,26 @@ def child_arm(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():  # warm-up: kernels, thread pools, allocator
         model(input_ids=torch.as_tensor(ids[0][:16], device=model.device)[None], use_cache=False)
     _sync(device)
-    probe = MemoryProbe(device)
-    probe.start()
-    started = time.perf_counter()
-    extra: dict[str, Any] = {}
-    if arm == "floor":
-        extra["forward_passes"] = _floor_forward(model, ids, config.batch_size)
-    elif arm == "xtf":
-        scored = score_dataset(model, tokenizer, TokenizedData(ids, labels), config, progress=False, use_cache=False)
-        extra.update({k: scored.stats[k] for k in ("scoring_seconds", "forward_passes")})
-    else:
-        result = score_official(model, tokenizer, ids)
-        extra.update({"forward_passes": result["forward_passes"], "distinct_strings": result["distinct_strings"]})
-    _sync(device)
-    seconds = time.perf_counter() - started
-    return {"arm": arm, "length": length, "examples": n, "seconds": round(seconds, 3), "memory": probe.stop(), **extra}
+
+    def workload(request: int) -> dict[str, Any]:
+        probe = MemoryProbe(device)
+        probe.start()
+        started = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if arm == "floor":
+            extra["forward_passes"] = _floor_forward(model, ids, config.batch_size)
+        elif arm == "xtf":
+            scored = score_dataset(model, tokenizer, TokenizedData(ids, labels), config, progress=False, use_cache=False)
+            extra.update({k: scored.stats[k] for k in ("scoring_seconds", "forward_passes")})
+        else:
+            result = score_official(model, tokenizer, ids)
+            extra.update({"forward_passes": result["forward_passes"], "distinct_strings": result["distinct_strings"]})
+        _sync(device)
+        seconds = time.perf_counter() - started
+        return {"arm": arm, "length": length, "examples": n, "seconds": round(seconds, 3), "memory": probe.stop(),
+                "process_request": request, **extra}
+
+    serve_requests(workload)
 
 
 def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
@@ -201,15 +210,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     official_max = max(examples) if args.quick else OFFICIAL_MAX_LENGTH
     started = time.perf_counter()
     samples: list[dict[str, Any]] = []
-    for rep in range(args.repeats):
-        for length, n in examples.items():
-            arms = [a for a in ARMS if a != "official" or length <= official_max]
-            shift = rep % len(arms)
-            for arm in arms[shift:] + arms[:shift]:
-                result = run_child(HERE, {"task": "arm", "arm": arm, "length": length, "examples": n, "model": args.model, "threads": args.threads})
-                result["repeat"] = rep
-                samples.append(result)
-                print(f"  repeat {rep} L={length} {arm:8s} {result['seconds']:8.2f} s  {result['memory']}", flush=True)
+    for length, n in examples.items():
+        arms = [a for a in ARMS if a != "official" or length <= official_max]
+        # the workers load side by side (not timed); then one workload at a time
+        workers = {arm: Worker(HERE, {"task": "arm", "arm": arm, "length": length, "examples": n, "model": args.model,
+                                      "threads": args.threads}) for arm in arms}
+        try:
+            for worker in workers.values():
+                worker.wait_ready()
+            for rep in range(args.repeats):
+                shift = rep % len(arms)
+                for arm in arms[shift:] + arms[:shift]:
+                    result = workers[arm].request()
+                    result["repeat"] = rep
+                    samples.append(result)
+                    print(f"  repeat {rep} L={length} {arm:8s} {result['seconds']:8.2f} s  {result['memory']}", flush=True)
+        finally:
+            for worker in workers.values():
+                worker.close()
     scaling_length = 32 if args.quick else 64
     sizes = [1, 2, 4] if args.quick else [args.scaling_base, 4 * args.scaling_base, 16 * args.scaling_base]
     scaling = run_child(HERE, {"task": "scaling", "length": scaling_length, "sizes": sizes, "repeats": args.repeats, "model": args.model, "threads": args.threads})
@@ -238,7 +256,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         floor, xtf, official = (_by(samples, a, length) for a in ARMS)
         reps = sorted(set(floor) & set(xtf))
         n = xtf[reps[0]]["examples"]
-        mem = lambda arm, key: median([arm[r]["memory"][key] for r in arm])  # noqa: E731
+        # memory from each process's first request only: later ones reuse memory the allocator kept
+        mem = lambda arm, key: median([arm[r]["memory"][key] for r in arm if arm[r].get("process_request", 0) == 0])  # noqa: E731
         row = {
             "length": length,
             "examples": n,
@@ -382,7 +401,10 @@ def main() -> None:
     if args.child:
         spec = json.loads(args.child)
         set_threads(spec.get("threads", 0))
-        emit({"arm": child_arm, "scaling": child_scaling, "cache": child_cache}[spec["task"]](spec))
+        if spec["task"] == "arm":
+            child_arm(spec)
+        else:
+            emit({"scaling": child_scaling, "cache": child_cache}[spec["task"]](spec))
         return
     args.repeats = args.repeats or (1 if args.quick else 3)
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "scoring_cost.quick.json" if args.quick else RESULTS / "scoring_cost.json")
