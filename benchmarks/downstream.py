@@ -663,6 +663,19 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# how make_splits draws: recorded in the results, so that a calibration made on other problems is not carried over
+SPLIT = "held-out drawn first"
+
+
+def calibration_on_same_problems(previous: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The calibration of an earlier invocation (kept in the same results file), if it trained on the same
+    problems as this run; None otherwise, as it would describe another training set."""
+    calibration = previous.get("calibration") or {}
+    made_on = calibration.get("settings", {})
+    same = all(made_on.get(key) == settings[key] for key in ("train_size", "eval_size", "data_seed", "split"))
+    return calibration if same else None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sets, one seed")
@@ -713,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   workdir, data_seed)
     settings = {
         "model": args.model, "train_size": args.train_size, "eval_size": args.eval_size, "seeds": args.seeds,
-        "data_seed": data_seed, "train": asdict(setup.settings), "lora_targets": "all-linear",
+        "data_seed": data_seed, "split": SPLIT, "train": asdict(setup.settings), "lora_targets": "all-linear",
         "max_new_tokens": max_new_tokens, "quick": args.quick,
         **({"threads": 1, "processes": min(args.jobs, len(args.seeds))} if args.jobs > 1 and len(args.seeds) > 1
            else {"threads": args.threads}),
@@ -735,7 +748,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "settings": settings,
                 "recipe": {"name": args.recipe, **asdict(RECIPES[args.recipe])},
                 **run,
-                "calibration": previous.get("calibration"),
+                "calibration": calibration_on_same_problems(previous, settings),
                 "machine": machine(),
                 "seconds": round(time.perf_counter() - started, 1),
                 "example_noisy_response": inject(train_problems[:1], RECIPES[args.recipe], 7, words)[0].completion,
