@@ -102,9 +102,12 @@ def command_score(args: argparse.Namespace) -> int:
     # under torchrun / accelerate launch the ranks split the scoring; rank 0 writes the output folder
     rank_device = join_launcher_group()
     try:
-        return _score_and_write(args, config, out_dir, rank_device, records, data_format)
-    finally:
+        code = _score_and_write(args, config, out_dir, rank_device, records, data_format)
+    except BaseException:
         leave_group()
+        raise
+    leave_group(code)
+    return code
 
 
 def _score_and_write(

@@ -8,6 +8,7 @@ group everything here is the one-process identity.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -45,8 +46,21 @@ def join_launcher_group() -> str | None:
     return None
 
 
-def leave_group() -> None:
-    """Wait for every rank, then destroy the process group (an exiting rank must not abort the others)."""
-    if world()[0] > 1:
-        torch.distributed.barrier()
+def leave_group(exit_code: int | None = None) -> None:
+    """Wait for every rank (an exiting rank must not abort the others), then leave; a no-op for one process.
+
+    With `exit_code` (the work is done and saved) the process ends here at once, with that code, and the group
+    is not torn down: gloo's teardown can deadlock. A gloo worker thread that releases a finished collective's
+    tensors needs the GIL, while the main thread, holding it, waits in the group's destructor for that thread
+    (seen in CI after `xtf sft --num_processes 2` had saved its model). Without `exit_code` (an error on its way
+    up) the group is destroyed the ordinary way.
+    """
+    if world()[0] <= 1:
+        return
+    torch.distributed.barrier()
+    if exit_code is None:
         torch.distributed.destroy_process_group()
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -29,6 +29,16 @@ from xtf_plugin.config import XTFConfig
 from xtf_plugin.errors import XTFError
 
 XTF_FLAG = "--xtf"
+# copies of YAML files made for this process; removed at exit (also before `leave_group` ends a rank, skipping atexit)
+_TEMP_FOLDERS: list[str] = []
+
+
+def _remove_temp_folders() -> None:
+    while _TEMP_FOLDERS:
+        shutil.rmtree(_TEMP_FOLDERS.pop(), ignore_errors=True)
+
+
+atexit.register(_remove_temp_folders)
 
 
 def split_xtf_arguments(argv: list[str]) -> tuple[list[str], XTFConfig]:
@@ -69,7 +79,7 @@ def _yaml_without_xtf(path: str) -> str:
         return path
     data.pop("xtf")
     folder = tempfile.mkdtemp(prefix="xtf-sft-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    _TEMP_FOLDERS.append(folder)
     stripped = Path(folder) / Path(path).name
     stripped.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(stripped)
@@ -113,13 +123,8 @@ def train(script_args, training_args, model_args, dataset_args, xtf_config: XTFC
     trainer.train()
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    # a process group left to interpreter shutdown can abort there (seen with gloo on CPU)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def launch(argv: list[str]) -> int:
@@ -167,4 +172,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from xtf_plugin.distributed import leave_group
+
     main()
+    _remove_temp_folders()
+    leave_group(0)  # in a multi-process run: ends the process here, past gloo's teardown
