@@ -254,8 +254,9 @@ def random_drop_labels(
     out = []
     for row, count, keep in zip(labels, counts, protected, strict=True):
         row = row.copy()
-        candidates = np.flatnonzero((row != -100) & ~keep)
-        candidates = candidates[candidates != np.flatnonzero(row != -100)[-1]]
+        trained = row != -100
+        candidates = np.flatnonzero(trained & ~keep)
+        candidates = candidates[candidates != np.flatnonzero(trained)[-1]]
         row[rng.choice(candidates, size=min(count, len(candidates)), replace=False)] = -100
         out.append(row)
     return out
