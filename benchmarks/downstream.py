@@ -1,33 +1,40 @@
-"""Does XTF's token filtering pay off downstream? LoRA fine-tuning of the demo model on noisy arithmetic.
+"""Does token filtering pay off downstream? LoRA fine-tuning of the demo model, clean and noisy, against what a
+user would pick instead.
 
 Two-step add/subtract word problems are generated with known answers; the model (SmolLM2-135M-Instruct) is
-fine-tuned with LoRA on four versions of the same training set and scored by exact match of its greedy final
-answer on a clean held-out set:
+fine-tuned with LoRA (TRL's SFTTrainer) and scored by exact match of its greedy final answer on clean held-out
+problems. Every run is one (data, method, seed):
 
-* (a) clean: the original responses;
-* (b) noisy: a calibrated share of the responses gets off-task text inserted between the reasoning steps;
-* (c) noisy + XTF: the noisy set, with the tokens that XTF (default settings, the package's `score_dataset`)
-  drops set to label -100;
-* (d) noisy + random: the noisy set with, in every example, as many random response tokens dropped as XTF
-  dropped there (never a token XTF protects, nor the final EOS): the control that tells filtering from merely
-  training on fewer tokens.
+* data: `clean` (the original responses; the paper's scenario) or `noisy` (off-task text inserted between the
+  reasoning steps of the responses, `--recipe`);
+* method: `sft` (plain SFT), `dft` (TRL `loss_type="dft"`), `eaft` (axolotl's own `use_eaft` loss function,
+  `axolotl.monkeypatch.loss.eaft.eaft_loss`, alpha 1, top-20, passed to TRL's SFTTrainer as axolotl's trainer
+  builder passes it), `xtf:NAME` (the tokens that XTF with preset or variant NAME drops set to -100) and
+  `random:NAME` (as many random response tokens per example as `xtf:NAME` drops, never a protected one: the
+  control that tells filtering from training on fewer tokens).
 
-Writes benchmarks/results/downstream.json and prints a markdown table.
+Every run stores each held-out problem's correctness, so arms are compared with paired tests over problems and
+seeds (`paired.py`: a paired bootstrap over problems and an exact McNemar test). Finished runs are kept in the
+results file and skipped when the same run (same settings) is asked for again, so an interrupted benchmark
+resumes.
 
-    python benchmarks/downstream.py                     # the full run: 4 arms x 2 seeds + the base model
-    python benchmarks/downstream.py --calibrate         # (a) vs (b) at one seed for every noise recipe
-    python benchmarks/downstream.py --quick             # smoke test, tiny settings
+    python benchmarks/downstream.py                          # the make bench matrix
+    python benchmarks/downstream.py --runs noisy/xtf:paper --seeds 0 1 2
+    python benchmarks/downstream.py --variant tr='{"weights": {"reasoning": 0}}' --runs noisy/xtf:tr
+    python benchmarks/downstream.py --quick                  # smoke test, tiny settings, nothing kept
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,11 +47,13 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from xtf_plugin.cli import build_config
-from xtf_plugin.config import XTFConfig
-from xtf_plugin.data import TokenizedData
-from xtf_plugin.demo import resolve_model_path
-from xtf_plugin.pipeline import ScoredDataset, score_dataset
+sys.path.insert(0, str(Path(__file__).parent))
+from paired import compare  # noqa: E402
+
+from xtf_plugin.config import XTFConfig, load_xtf_config  # noqa: E402
+from xtf_plugin.data import TokenizedData  # noqa: E402
+from xtf_plugin.demo import resolve_model_path  # noqa: E402
+from xtf_plugin.pipeline import ScoredDataset, score_dataset  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "downstream.json"
 
@@ -263,7 +272,8 @@ def random_drop_labels(
 
 
 def xtf_report(scored: ScoredDataset, noise: Sequence[np.ndarray], tokenizer: Any) -> dict[str, Any]:
-    """What XTF dropped, against the injected noise: precision, recall, and the most dropped tokens."""
+    """What XTF dropped, against the injected noise (none on clean data): precision, recall, the most dropped
+    tokens."""
     flat_noise = np.concatenate(noise)
     response = scored.response
     drop = scored.selection.drop != 0
@@ -287,8 +297,8 @@ def xtf_report(scored: ScoredDataset, noise: Sequence[np.ndarray], tokenizer: An
         "injected_fraction": round(injected / max(1, int(response.sum())), 4),
         "dropped_tokens": dropped,
         "dropped_fraction": round(dropped / max(1, int(response.sum())), 4),
-        "precision_on_noise": round(hit / max(1, dropped), 4),
-        "recall_of_noise": round(hit / max(1, injected), 4),
+        "precision_on_noise": round(hit / max(1, dropped), 4) if injected else None,
+        "recall_of_noise": round(hit / max(1, injected), 4) if injected else None,
         "by_attribute": by_attribute,
         "most_dropped": [[text, n] for text, n in top],
         "scoring_seconds": scored.stats.get("total_seconds"),
@@ -297,8 +307,7 @@ def xtf_report(scored: ScoredDataset, noise: Sequence[np.ndarray], tokenizer: An
 
 def score_xtf(model: Any, tokenizer: Any, data: TokenizedData, config: XTFConfig, cache_dir: str | None = None
               ) -> ScoredDataset:
-    """XTF scored by the frozen base model; with `cache_dir`, through the score cache (the seed processes of
-    one run share it, so the noisy set is scored once), else recomputed."""
+    """XTF scored by the frozen base model; with `cache_dir`, through the score cache, else recomputed."""
     if cache_dir:
         config = config.model_copy(update={"cache_dir": cache_dir})
     # The base model's parameters still require grad (it is the same class that LoRA trains).
@@ -325,12 +334,22 @@ def load_base(model_path: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
 
 
+def eaft_loss_function() -> Any:
+    """axolotl's EAFT loss with axolotl's defaults (alpha 1.0, top-20 entropy), as its trainer builder passes
+    it to the trainer for `use_eaft: true`."""
+    from functools import partial
+
+    from axolotl.monkeypatch.loss.eaft import eaft_loss
+
+    return partial(eaft_loss, alpha=1.0, k=20)
+
+
 def train(
     model_path: str, tokenizer: Any, data: TokenizedData, labels: Sequence[np.ndarray], seed: int,
-    settings: TrainSettings, workdir: Path,
+    settings: TrainSettings, workdir: Path, loss: str = "nll",
 ) -> Any:
     """LoRA (all linear layers) with TRL's SFTTrainer on pre-tokenised input_ids + labels; `seed` sets the
-    LoRA init and the data order."""
+    LoRA init and the data order; `loss` is `nll`, `dft` (TRL's) or `eaft` (axolotl's)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
@@ -357,6 +376,7 @@ def train(
         max_length=None,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        loss_type="dft" if loss == "dft" else "nll",
     )
     lora = LoraConfig(
         r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
@@ -364,7 +384,7 @@ def train(
     )
     trainer = SFTTrainer(
         model=load_base(model_path), args=config, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=lora, compute_loss_func=eaft_loss_function() if loss == "eaft" else None,
     )
     trainer.train()
     return trainer.model.eval()
@@ -396,10 +416,11 @@ EVAL_BATCH = 150
 
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], max_new_tokens: int, batch: int = EVAL_BATCH
-             ) -> tuple[float, list[str]]:
-    """Exact-match accuracy of the greedy final answer (the first `The answer is N`), and the generations."""
+             ) -> tuple[str, list[str]]:
+    """Correctness of the greedy final answer (the first `The answer is N`) per problem, as a string of 0/1,
+    and the generations."""
     tokenizer.padding_side = "left"
-    correct, outputs = 0, []
+    correct, outputs = [], []
     for start in range(0, len(problems), batch):
         chunk = problems[start : start + batch]
         encoded = tokenizer([p.prompt() for p in chunk], return_tensors="pt", padding=True)
@@ -411,42 +432,77 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], max_new_to
         texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
         for problem, text in zip(chunk, texts, strict=True):
             match = ANSWER.search(text)
-            correct += bool(match) and int(match.group(1)) == problem.answer  # type: ignore[union-attr]
+            correct.append("1" if match and int(match.group(1)) == problem.answer else "0")
             outputs.append(text)
-    return correct / len(problems), outputs
+    return "".join(correct), outputs
 
 
 # ---------------------------------------------------------------------------------------------------------
-# driver
+# runs
 
 
-def mean_spread(values: Sequence[float]) -> dict[str, float]:
-    """Mean, and spread as half the range (with two seeds: the distance of each seed from the mean)."""
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "half_range": round((max(values) - min(values)) / 2, 4),
-        "stdev": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-    }
+DATA = ("clean", "noisy")
+PLAIN_METHODS = {"sft": "nll", "dft": "dft", "eaft": "eaft"}
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_RUNS = ("clean/sft", "clean/xtf:default", "clean/xtf:paper", "clean/dft", "noisy/sft", "noisy/xtf:default",
+                "noisy/xtf:paper", "noisy/random:default", "noisy/dft")
 
 
-def arm_summary(arms: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Accuracy mean and spread over the seeds of every arm that has run."""
-    return {name: mean_spread([run["accuracy"] for run in runs]) for name, runs in arms.items() if runs}
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: `data/method/seed`, e.g. `noisy/xtf:paper/0`."""
+
+    data: str
+    method: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.data}/{self.method}/{self.seed}"
+
+    @property
+    def arm(self) -> str:
+        return f"{self.data}/{self.method}"
+
+    @property
+    def variant(self) -> str | None:
+        """The XTF preset or variant whose selection the run uses (`xtf:` and `random:` methods)."""
+        return self.method.split(":", 1)[1] if ":" in self.method else None
+
+    @classmethod
+    def parse(cls, text: str) -> RunSpec:
+        data, method, seed = text.split("/")
+        return cls(data, method, int(seed))
 
 
-def machine() -> dict[str, Any]:
-    import transformers
-    import trl
+def parse_arm(text: str, variants: dict[str, XTFConfig]) -> str:
+    """Check an arm `data/method` (methods: sft, dft, eaft, xtf:NAME, random:NAME)."""
+    try:
+        data, method = text.split("/")
+    except ValueError:
+        raise SystemExit(f"downstream: --runs {text}: expected data/method, e.g. noisy/xtf:paper") from None
+    kind, _, name = method.partition(":")
+    if data not in DATA:
+        raise SystemExit(f"downstream: --runs {text}: data must be one of {', '.join(DATA)}")
+    if method not in PLAIN_METHODS and not (kind in ("xtf", "random") and name):
+        raise SystemExit(f"downstream: --runs {text}: method must be sft, dft, eaft, xtf:NAME or random:NAME")
+    if name and name not in variants:
+        raise SystemExit(f"downstream: --runs {text}: unknown preset or variant {name!r} (known: {', '.join(variants)})")
+    return text
 
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-    }
+
+def xtf_variants(extra: Sequence[str]) -> dict[str, XTFConfig]:
+    """The package's presets, plus `--variant NAME=JSON` settings (a JSON object of `xtf:` keys)."""
+    from xtf_plugin.config import PRESETS
+
+    variants = {name: XTFConfig(preset=name) for name in PRESETS}
+    for item in extra:
+        name, _, raw = item.partition("=")
+        try:
+            variants[name] = load_xtf_config(json.loads(raw), source=f"--variant {name}")
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"downstream: --variant {name}: not a JSON object ({error})") from None
+    return variants
 
 
 @dataclass
@@ -462,247 +518,288 @@ class Setup:
     max_new_tokens: int
     workdir: Path
     data_seed: int
+    recipe: str
 
 
-def run_arm(setup: Setup, data: TokenizedData, labels: Sequence[np.ndarray], seed: int, tag: str
-            ) -> dict[str, Any]:
-    """Train one arm at one seed and evaluate it."""
+def training_set(setup: Setup, data: str) -> tuple[TokenizedData, list[np.ndarray]]:
+    """The clean or noisy training set, tokenised, with the per-example noise masks."""
+    recipe = RECIPES[setup.recipe] if data == "noisy" else None
+    return tokenize(inject(setup.train_problems, recipe, setup.data_seed + 1, setup.words), setup.tokenizer)
+
+
+def labels_path(setup: Setup, data: str, variant: str) -> Path:
+    return setup.workdir / f"labels-{data}-{variant}.npz"
+
+
+def prepare_labels(setup: Setup, data: str, variant: str, config: XTFConfig, cache_dir: str | None) -> dict[str, Any]:
+    """Score the training set with the frozen base model, select with `config`, and store the XTF labels, the
+    protected tokens and the drop counts for the runs that need them; returns XTF's report on the set."""
+    base = load_base(setup.model_path).eval()
+    tokens, noise = training_set(setup, data)
+    scored = score_xtf(base, setup.tokenizer, tokens, config, cache_dir)
+    report = xtf_report(scored, noise, setup.tokenizer)
+    labels = scored.per_example(scored.filtered_labels)
+    protected = scored.per_example(scored.protected)
+    np.savez(labels_path(setup, data, variant), offsets=scored.offsets, labels=np.concatenate(labels),
+             protected=np.concatenate(protected))
+    shown = f", precision on noise {report['precision_on_noise']:.3f}, recall {report['recall_of_noise']:.3f}" \
+        if report["precision_on_noise"] is not None else ""
+    print(f"[{data} xtf:{variant}] dropped {report['dropped_fraction']:.3f} of response tokens{shown}", flush=True)
+    return report
+
+
+def nothing_dropped(setup: Setup, spec: RunSpec) -> bool:
+    """Whether XTF's labels for the run's data are the original labels."""
+    tokens, _ = training_set(setup, spec.data)
+    stored = np.load(labels_path(setup, spec.data, str(spec.variant)))
+    return bool(np.array_equal(stored["labels"], np.concatenate(tokens.labels)))
+
+
+def run_labels(setup: Setup, spec: RunSpec, tokens: TokenizedData, noise: Sequence[np.ndarray]
+               ) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The labels a run trains on, and what was dropped."""
+    if spec.variant is None:
+        return tokens.labels, {}
+    stored = np.load(labels_path(setup, spec.data, spec.variant))
+    cut = stored["offsets"][1:-1]
+    xtf_labels = np.split(stored["labels"], cut)
+    if spec.method.startswith("xtf:"):
+        return xtf_labels, {}
+    protected = np.split(stored["protected"], cut)
+    counts = [int((new == -100).sum() - (old == -100).sum()) for new, old in zip(xtf_labels, tokens.labels, strict=True)]
+    labels = random_drop_labels(tokens.labels, counts, protected, seed=1000 + spec.seed)
+    dropped = np.concatenate([(new == -100) & (old != -100) for new, old in zip(labels, tokens.labels, strict=True)])
+    hits = float((dropped & np.concatenate(noise)).sum() / max(1, dropped.sum()))
+    return labels, {"random_precision_on_noise": round(hits, 4)}
+
+
+def execute(setup: Setup, spec: RunSpec) -> dict[str, Any]:
+    """Train one run and evaluate it on the held-out problems."""
     started = time.perf_counter()
-    model = train(setup.model_path, setup.tokenizer, data, labels, seed, setup.settings, setup.workdir)
+    tokens, noise = training_set(setup, spec.data)
+    labels, extra = run_labels(setup, spec, tokens, noise)
+    loss = PLAIN_METHODS.get(spec.method, "nll")
+    model = train(setup.model_path, setup.tokenizer, tokens, labels, spec.seed, setup.settings, setup.workdir, loss)
     trained = time.perf_counter()
-    accuracy, outputs = evaluate(model, setup.tokenizer, setup.eval_problems, setup.max_new_tokens)
+    correct, outputs = evaluate(model, setup.tokenizer, setup.eval_problems, setup.max_new_tokens)
     done = time.perf_counter()
-    print(f"[{tag} seed {seed}] accuracy {accuracy:.3f}  train {trained - started:.0f}s  eval {done - trained:.0f}s"
+    accuracy = correct.count("1") / len(correct)
+    print(f"[{spec.id}] accuracy {accuracy:.3f}  train {trained - started:.0f}s  eval {done - trained:.0f}s"
           f"  e.g. {outputs[0]!r}", flush=True)
     return {
-        "seed": seed, "accuracy": round(accuracy, 4), "train_seconds": round(trained - started, 1),
-        "eval_seconds": round(done - trained, 1), "samples": outputs[:3],
+        "data": spec.data, "method": spec.method, "seed": spec.seed, "accuracy": round(accuracy, 4),
+        "correct": correct, "train_seconds": round(trained - started, 1), "eval_seconds": round(done - trained, 1),
+        "samples": outputs[:3], **extra,
     }
 
 
-def noisy_set(setup: Setup, recipe_name: str) -> tuple[list[Example], TokenizedData, list[np.ndarray]]:
-    examples = inject(setup.train_problems, RECIPES[recipe_name], setup.data_seed + 1, setup.words)
-    data, noise = tokenize(examples, setup.tokenizer)
-    return examples, data, noise
+def evaluate_base(setup: Setup) -> dict[str, Any]:
+    correct, outputs = evaluate(load_base(setup.model_path).eval(), setup.tokenizer, setup.eval_problems,
+                                setup.max_new_tokens)
+    return {"accuracy": round(correct.count("1") / len(correct), 4), "correct": correct, "samples": outputs[:3]}
 
 
-def calibrate(setup: Setup, recipes: Sequence[str], seed: int) -> dict[str, Any]:
-    """(a) clean vs (b) noisy at one seed per recipe, plus XTF's precision on each recipe's noise."""
-    clean_data, _ = tokenize(inject(setup.train_problems, None, 0, setup.words), setup.tokenizer)
-    out: dict[str, Any] = {"seed": seed, "clean": run_arm(setup, clean_data, clean_data.labels, seed, "a clean")}
-    base = load_base(setup.model_path).eval()
-    for name in recipes:
-        _, data, noise = noisy_set(setup, name)
-        # Precision on the first 100 examples only: scoring is the slow part on a shared CPU.
-        head = TokenizedData(data.input_ids[:100], data.labels[:100], format=data.format)
-        report = xtf_report(score_xtf(base, setup.tokenizer, head, XTFConfig()), noise[:100], setup.tokenizer)
-        print(f"[{name}] XTF dropped {report['dropped_fraction']:.3f}, precision {report['precision_on_noise']:.3f},"
-              f" noise {report['injected_fraction']:.3f} of response tokens", flush=True)
-        out[name] = {"recipe": asdict(RECIPES[name]), "xtf": report,
-                     "noisy": run_arm(setup, data, data.labels, seed, f"b {name}")}
-    return out
+# ---------------------------------------------------------------------------------------------------------
+# statistics and tables
 
 
-ARMS = ("a", "b", "c", "d")
-ARM_NAMES = {"a": "a_clean", "b": "b_noisy", "c": "c_noisy_xtf", "d": "d_noisy_random"}
+def mean_spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, standard deviation over seeds and standard error of the mean."""
+    stdev = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.fmean(values), 4), "stdev": round(stdev, 4),
+            "sem": round(stdev / len(values) ** 0.5, 4), "seeds": len(values)}
 
 
-def precision_check(setup: Setup, recipes: Sequence[str], n_examples: int) -> dict[str, Any]:
-    """Which tokens XTF drops on the first `n_examples` noisy training examples of each recipe, against the
-    injected noise: the check that a recipe is noise XTF can see, before spending training runs on it."""
-    base = load_base(setup.model_path).eval()
-    out: dict[str, Any] = {}
-    for name in recipes:
-        _, data, noise = noisy_set(setup, name)
-        head = TokenizedData(data.input_ids[:n_examples], data.labels[:n_examples], format=data.format)
-        report = xtf_report(score_xtf(base, setup.tokenizer, head, XTFConfig()), noise[:n_examples], setup.tokenizer)
-        counts = [int(n[:len(ids)].sum()) for n, ids in zip(noise[:n_examples], head.input_ids, strict=True)]
-        report["examples"] = n_examples
-        report["noisy_examples"] = int(sum(c > 0 for c in counts))
-        print(f"[{name}] noise {report['injected_fraction']:.3f} of response tokens; XTF dropped "
-              f"{report['dropped_fraction']:.3f}, precision {report['precision_on_noise']:.3f}, recall "
-              f"{report['recall_of_noise']:.3f}; by attribute {report['by_attribute']}", flush=True)
-        out[name] = {"recipe": asdict(RECIPES[name]), "xtf": report}
-    return out
+def arm_runs(runs: dict[str, dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Arm -> seed -> run."""
+    arms: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in runs.values():
+        arms.setdefault(f"{run['data']}/{run['method']}", {})[run["seed"]] = run
+    return arms
 
 
-def full_run(setup: Setup, recipe_name: str, seeds: Sequence[int], arms: Sequence[str], base_eval: bool,
-             checkpoint: Any, config: XTFConfig, score_cache: str | None = None, score_late: bool = False
-             ) -> dict[str, Any]:
-    """The four arms at every seed, then the base model once; `checkpoint(result)` is called after every run
-    so that an interrupted benchmark keeps what finished. XTF scores the noisy set first (through
-    `score_cache` if given), or with `score_late` only when an arm first needs it."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    base = load_base(setup.model_path).eval()
-    clean_data, _ = tokenize(inject(setup.train_problems, None, 0, setup.words), setup.tokenizer)
-    _, data, noise = noisy_set(setup, recipe_name)
-    result: dict[str, Any] = {"arms": {ARM_NAMES[a]: [] for a in arms}, "timings": timings}
-    xtf_labels: list[np.ndarray] = []
-    protected: list[np.ndarray] = []
-    counts: list[int] = []
-
-    def score_noisy_set() -> None:
-        scoring = time.perf_counter()
-        scored = score_xtf(base, setup.tokenizer, data, config, score_cache)
-        timings["xtf_scoring_seconds"] = round(time.perf_counter() - scoring, 1)
-        timings["xtf_cached_shards"] = scored.stats.get("cached_shards", 0)
-        report = xtf_report(scored, noise, setup.tokenizer)
-        print(f"[xtf] dropped {report['dropped_fraction']:.3f} of response tokens, precision on noise "
-              f"{report['precision_on_noise']:.3f}, recall {report['recall_of_noise']:.3f}", flush=True)
-        xtf_labels.extend(scored.per_example(scored.filtered_labels))
-        protected.extend(scored.per_example(scored.protected))
-        counts.extend(int((new == -100).sum() - (old == -100).sum()) for new, old in zip(xtf_labels, data.labels, strict=True))
-        result["xtf"] = report
-        checkpoint(result)
-
-    if not score_late and ("c" in arms or "d" in arms):
-        score_noisy_set()
-    random_precision = []
-    for seed in seeds:
-        for arm in arms:
-            if arm in ("c", "d") and not xtf_labels:
-                score_noisy_set()
-            if arm == "a":
-                run = run_arm(setup, clean_data, clean_data.labels, seed, "a clean")
-            elif arm == "b":
-                run = run_arm(setup, data, data.labels, seed, "b noisy")
-            elif arm == "c":
-                run = run_arm(setup, data, xtf_labels, seed, "c noisy+xtf")
-            else:
-                random_labels = random_drop_labels(data.labels, counts, protected, seed=1000 + seed)
-                dropped = np.concatenate(
-                    [(new == -100) & (old != -100) for new, old in zip(random_labels, data.labels, strict=True)]
-                )
-                random_precision.append(float((dropped & np.concatenate(noise)).sum() / max(1, dropped.sum())))
-                result["xtf"]["random_control_precision_on_noise"] = round(statistics.fmean(random_precision), 4)
-                run = run_arm(setup, data, random_labels, seed, "d noisy+random")
-            result["arms"][ARM_NAMES[arm]].append(run)
-            result["summary"] = arm_summary(result["arms"])
-            checkpoint(result)
-    if base_eval:
-        evaluating = time.perf_counter()
-        base_accuracy, base_outputs = evaluate(base, setup.tokenizer, setup.eval_problems, setup.max_new_tokens)
-        timings["base_eval_seconds"] = round(time.perf_counter() - evaluating, 1)
-        print(f"[base] accuracy {base_accuracy:.3f}  e.g. {base_outputs[0]!r}", flush=True)
-        result["base_accuracy"] = round(base_accuracy, 4)
-        result["base_samples"] = base_outputs[:3]
-    timings["total_seconds"] = round(time.perf_counter() - started, 1)
-    checkpoint(result)
-    return result
+def paired(arms: dict[str, dict[int, dict[str, Any]]], a: str, b: str) -> dict[str, Any] | None:
+    """Paired test of arm a against arm b over the seeds both have."""
+    if a not in arms or b not in arms:
+        return None
+    seeds = sorted(set(arms[a]) & set(arms[b]))
+    if not seeds:
+        return None
+    return {"a": a, "b": b, **compare([arms[a][s]["correct"] for s in seeds], [arms[b][s]["correct"] for s in seeds])}
 
 
-def run_seeds_in_processes(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Every seed in a child process of its own (one CPU thread each, at most `args.jobs` at once), merged
-    into one result as `full_run` returns it. The children share a score cache: the first seed scores the
-    noisy set while the others train their first arms, and they read its scores when they reach arm (c); the
-    last seed's child evaluates the base model, which balances the two.
+def comparisons(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every XTF arm against plain SFT on the same data, against its random control, against DFT and EAFT; the
+    noisy arms also against clean SFT; and the alternatives against SFT."""
+    arms = arm_runs(runs)
+    pairs = []
+    for arm in sorted(arms):
+        data, method = arm.split("/")
+        if method.startswith("xtf:"):
+            others = ["sft", "random:" + method[4:], "dft", "eaft"]
+            pairs += [(arm, f"{data}/{other}") for other in others]
+        elif method in ("dft", "eaft") or method.startswith("random:"):
+            pairs.append((arm, f"{data}/sft"))
+    pairs.append(("noisy/sft", "clean/sft"))
+    return [result for a, b in pairs if (result := paired(arms, a, b)) is not None]
+
+
+def gap_recovered(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per noisy XTF arm: (arm - noisy SFT) / (clean SFT - noisy SFT), from the seed means."""
+    summary = {arm: statistics.fmean(r["accuracy"] for r in by_seed.values()) for arm, by_seed in arm_runs(runs).items()}
+    if "clean/sft" not in summary or "noisy/sft" not in summary or summary["clean/sft"] <= summary["noisy/sft"]:
+        return {}
+    gap = summary["clean/sft"] - summary["noisy/sft"]
+    return {arm: round((mean - summary["noisy/sft"]) / gap, 3) for arm, mean in summary.items()
+            if arm.startswith("noisy/xtf:")}
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """Accuracy per arm (seeds, mean ± SEM), then every paired comparison."""
+    arms = arm_runs(result["runs"])
+    seeds = sorted({run["seed"] for run in result["runs"].values()})
+    lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± SEM | dropped |",
+             "|---|" + "---|" * (len(seeds) + 2)]
+    if "base" in result:
+        lines.append(f"| base model (no training) | {result['base']['accuracy']:.3f} |" + " |" * (len(seeds) + 1))
+    for arm in sorted(arms, key=lambda name: (name.split("/")[0] != "clean", name)):
+        by_seed = arms[arm]
+        cells = " | ".join(f"{by_seed[s]['accuracy']:.3f}" if s in by_seed else "-" for s in seeds)
+        summary = result["summary"][arm]
+        variant = arm.split("/")[1].partition(":")[2]
+        report = result.get("xtf", {}).get(f"{arm.split('/')[0]}/{variant}") if variant else None
+        dropped = f"{report['dropped_fraction']:.1%}" if report else ""
+        lines.append(f"| {arm} | {cells} | {summary['mean']:.3f} ± {summary['sem']:.3f} | {dropped} |")
+    lines += ["", "| A vs B | A - B | 95% CI | p (bootstrap) | p (McNemar) | A only / B only right |",
+              "|---|---|---|---|---|---|"]
+    for c in result.get("comparisons", []):
+        lines.append(f"| {c['a']} vs {c['b']} | {c['diff']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
+                     f"{c['p_bootstrap']:.3f} | {c['p_mcnemar']:.3f} | {c['a_only']} / {c['b_only']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+
+
+def machine() -> dict[str, Any]:
+    import transformers
+    import trl
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+
+
+def run_settings(setup: Setup, spec: RunSpec, eval_size: int) -> dict[str, Any]:
+    """What a run's result depends on: a stored run is reused only when these are equal. For `xtf:` and
+    `random:` runs that includes a hash of the labels XTF chose, so a settings change that selects the same
+    tokens reuses the run, and one that changes a single token does not."""
+    settings: dict[str, Any] = {
+        "model": "demo" if setup.model_path == resolve_model_path("demo") else setup.model_path,
+        "train_size": len(setup.train_problems), "eval_size": eval_size, "data_seed": setup.data_seed,
+        "recipe": setup.recipe if spec.data == "noisy" else None, "train": asdict(setup.settings),
+        "max_new_tokens": setup.max_new_tokens,
+    }
+    if spec.variant is not None:
+        stored = labels_path(setup, spec.data, spec.variant).read_bytes()
+        settings["xtf_labels"] = hashlib.sha256(stored).hexdigest()[:16]
+    return settings
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_workers(args: argparse.Namespace, setup: Setup, todo: list[RunSpec], variants: dict[str, XTFConfig],
+                done: Any, record: Any) -> None:
+    """Every run in a child process of its own (one CPU thread each, at most `args.jobs` at once), in the
+    order given; the XTF labels are prepared first, while runs that need none start. `done(spec)` says whether
+    a stored result can be reused (asked once the run's labels exist); `record(spec, run)` gets each result.
 
     On two cores two single-thread processes train faster than one two-thread process, and do not stall when
     the machine is shared (OpenMP barriers do).
     """
-    import subprocess
+    needed = list(dict.fromkeys((spec.data, spec.variant) for spec in todo if spec.variant is not None))
+    prepared: set[tuple[str, str]] = set()
+    pending = list(todo)
+    running: list[tuple[RunSpec, subprocess.Popen, Path]] = []
 
-    started = time.perf_counter()
-    common = ["--train-size", str(args.train_size), "--eval-size", str(args.eval_size), "--recipe", args.recipe,
-              "--model", args.model, "--threads", "1", "--jobs", "1", "--arms", *args.arms]
-    for setting in args.set:
-        common += ["--set", setting]
-    outputs = {seed: workdir / f"seed{seed}.json" for seed in args.seeds}
-    pending = list(args.seeds)
-    running: list[tuple[int, subprocess.Popen]] = []
+    def launch(limit: int) -> None:
+        for spec in list(pending):
+            if len(running) >= limit:
+                return
+            if spec.variant is not None and (spec.data, spec.variant) not in prepared:
+                continue
+            pending.remove(spec)
+            if done(spec):
+                continue
+            out = setup.workdir / f"run-{spec.id.replace('/', '_').replace(':', '-')}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), "--worker", spec.id, "--workdir",
+                       str(setup.workdir), *forwarded(args), "--out", str(out)]
+            running.append((spec, subprocess.Popen(command), out))
+
+    def collect() -> None:
+        for spec, process, out in list(running):
+            if process.poll() is None:
+                continue
+            running.remove((spec, process, out))
+            if process.returncode:
+                raise SystemExit(f"downstream: run {spec.id} failed (exit {process.returncode})")
+            record(spec, json.loads(out.read_text()))
+
+    launch(max(1, args.jobs - 1) if needed else args.jobs)
+    for data, variant in needed:
+        report = prepare_labels(setup, data, variant, variants[variant], args.score_cache)
+        prepared.add((data, variant))
+        record(None, {"xtf": {f"{data}/{variant}": report}})
+        collect()
+        launch(max(1, args.jobs - 1))
     while pending or running:
-        while pending and len(running) < args.jobs:
-            seed = pending.pop(0)
-            extra = [] if seed == args.seeds[-1] and not args.no_base else ["--no-base"]
-            extra += [] if seed == args.seeds[0] else ["--score-late"]
-            command = [sys.executable, str(Path(__file__).resolve()), *common, "--seeds", str(seed), *extra,
-                       "--score-cache", str(workdir / "scores"), "--out", str(outputs[seed])]
-            running.append((seed, subprocess.Popen(command)))
+        launch(args.jobs)
         time.sleep(2)
-        for seed, process in list(running):
-            if process.poll() is not None:
-                running.remove((seed, process))
-                if process.returncode:
-                    raise SystemExit(f"downstream: the seed-{seed} process failed (exit {process.returncode}); "
-                                     f"what it finished is in {outputs[seed]}")
-    parts = [json.loads(outputs[seed].read_text()) for seed in args.seeds]
-    merged: dict[str, Any] = {"arms": {name: [run for part in parts for run in part["arms"][name]]
-                                       for name in parts[0]["arms"]}}
-    merged["summary"] = arm_summary(merged["arms"])
-    if "xtf" in parts[0]:
-        merged["xtf"] = dict(parts[0]["xtf"])
-        controls = [part["xtf"]["random_control_precision_on_noise"] for part in parts
-                    if "random_control_precision_on_noise" in part.get("xtf", {})]
-        if controls:
-            merged["xtf"]["random_control_precision_on_noise"] = round(statistics.fmean(controls), 4)
-    for part in parts:
-        for key in ("base_accuracy", "base_samples"):
-            if key in part:
-                merged[key] = part[key]
-    merged["timings"] = {**{f"seed{seed}": part["timings"] for seed, part in zip(args.seeds, parts, strict=True)},
-                         "processes": min(args.jobs, len(args.seeds)),
-                         "total_seconds": round(time.perf_counter() - started, 1)}
-    return merged
+        collect()
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    """Accuracy per arm and seed, mean and half-range, the base model first."""
-    titles = {"a_clean": "(a) clean", "b_noisy": "(b) noisy", "c_noisy_xtf": "(c) noisy + XTF",
-              "d_noisy_random": "(d) noisy + random drop"}
-    seeds = sorted({run["seed"] for runs in result["arms"].values() for run in runs})
-    lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | ± half-range |",
-             "|---|" + "---|" * (len(seeds) + 2)]
-    if "base_accuracy" in result:
-        lines.append(f"| base model (no training) | {result['base_accuracy']:.3f} |" + " |" * (len(seeds) + 1))
-    for name, runs in result["arms"].items():
-        by_seed = {run["seed"]: f"{run['accuracy']:.3f}" for run in runs}
-        cells = " | ".join(by_seed.get(s, "-") for s in seeds)
-        summary = result.get("summary", {}).get(name)
-        tail = f"{summary['mean']:.3f} | {summary['half_range']:.3f}" if summary else "- | -"
-        lines.append(f"| {titles[name]} | {cells} | {tail} |")
-    return "\n".join(lines)
-
-
-# how make_splits draws: recorded in the results, so that a calibration made on other problems is not carried over
-SPLIT = "held-out drawn first"
-
-
-def calibration_on_same_problems(previous: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The calibration of an earlier invocation (kept in the same results file), if it trained on the same
-    problems as this run; None otherwise, as it would describe another training set."""
-    calibration = previous.get("calibration") or {}
-    made_on = calibration.get("settings", {})
-    same = all(made_on.get(key) == settings[key] for key in ("train_size", "eval_size", "data_seed", "split"))
-    return calibration if same else None
+def forwarded(args: argparse.Namespace) -> list[str]:
+    """The options a worker process needs to rebuild the same setup."""
+    out = ["--train-size", str(args.train_size), "--eval-size", str(args.eval_size), "--recipe", args.recipe,
+           "--model", args.model, "--threads", "1"]
+    for item in args.variant:
+        out += ["--variant", item]
+    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny sets, one seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny sets, one seed, results not kept")
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), metavar="DATA/METHOD",
+                        help="arms to run (data: clean, noisy; method: sft, dft, eaft, xtf:NAME, random:NAME)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--train-size", type=int, default=256)
-    parser.add_argument("--eval-size", type=int, default=300)
+    parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE)
-    parser.add_argument("--calibrate", nargs="*", metavar="RECIPE", default=None,
-                        help="instead of the full run: (a) vs (b) at the first seed for these recipes (default all)")
-    parser.add_argument("--check-precision", type=int, metavar="N", default=0,
-                        help="instead of training: XTF's precision on the injected noise of the first N examples "
-                        "of each --calibrate recipe (default all)")
-    parser.add_argument("--arms", nargs="*", choices=ARMS, default=list(ARMS), help="none: the base model only")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="an XTF setting for xtf:NAME / random:NAME, as a JSON object of xtf: keys")
     parser.add_argument("--no-base", action="store_true", help="skip evaluating the untrained model")
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="XTF setting for arms (c) and (d), as `xtf score --set` (default: the defaults)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the process (with --jobs > 1: 1 each)")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="seeds run in this many processes at once, one CPU thread each (1: all in this process)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each process")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, each in a process of its own")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--score-cache", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--score-late", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--score-cache", default=None,
+                        help="score cache folder (default: the package's, as xtf score uses it)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.train_size, args.eval_size = args.seeds[:1], 24, 16
+        if args.out == str(RESULTS):
+            args.out = str(Path(tempfile.mkdtemp(prefix="xtf-downstream-quick-")) / "downstream.json")
     return args
 
 
@@ -714,60 +811,76 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
+    variants = xtf_variants(args.variant)
     model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data_seed = 1234
     train_problems, eval_problems = make_splits(args.train_size, args.eval_size, seed=data_seed)
-    workdir = Path(tempfile.mkdtemp(prefix="xtf-downstream-"))
-    words = salad_words(tokenizer)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="xtf-downstream-"))
     # Room for the clean solution plus every insertion the noisiest recipe makes, so an arm that imitates the
     # noise is not cut off before its answer line merely for having learnt the noise.
-    max_new_tokens = 68
-    setup = Setup(model_path, tokenizer, train_problems, eval_problems, words, TrainSettings(), max_new_tokens,
-                  workdir, data_seed)
-    settings = {
-        "model": args.model, "train_size": args.train_size, "eval_size": args.eval_size, "seeds": args.seeds,
-        "data_seed": data_seed, "split": SPLIT, "train": asdict(setup.settings), "lora_targets": "all-linear",
-        "max_new_tokens": max_new_tokens, "quick": args.quick,
-        **({"threads": 1, "processes": min(args.jobs, len(args.seeds))} if args.jobs > 1 and len(args.seeds) > 1
-           else {"threads": args.threads}),
-        "xtf_config": "defaults (XTFConfig())" if not args.set else "defaults with " + ", ".join(args.set),
-    }
+    setup = Setup(model_path, tokenizer, train_problems, eval_problems, salad_words(tokenizer), TrainSettings(), 68,
+                  workdir, data_seed, args.recipe)
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    if args.check_precision:
-        recipes = args.calibrate or sorted(RECIPES)
-        checked = {**previous.get("precision_check", {}), **precision_check(setup, recipes, args.check_precision)}
-        result = {**previous, "precision_check": checked}
-    elif args.calibrate is not None:
-        recipes = args.calibrate or sorted(RECIPES)
-        result = {**previous, "calibration": {"settings": settings, **calibrate(setup, recipes, args.seeds[0]),
-                                              "seconds": round(time.perf_counter() - started, 1)}}
-    else:
-        def checkpoint(run: dict[str, Any]) -> None:
-            document = {
-                "settings": settings,
-                "recipe": {"name": args.recipe, **asdict(RECIPES[args.recipe])},
-                **run,
-                "calibration": calibration_on_same_problems(previous, settings),
-                "machine": machine(),
-                "seconds": round(time.perf_counter() - started, 1),
-                "example_noisy_response": inject(train_problems[:1], RECIPES[args.recipe], 7, words)[0].completion,
-            }
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(document, indent=2) + "\n")
-
-        if args.jobs > 1 and len(args.seeds) > 1:
-            run = run_seeds_in_processes(args, workdir)
-            checkpoint(run)
-        else:
-            run = full_run(setup, args.recipe, args.seeds, args.arms, not args.no_base, checkpoint,
-                           build_config(None, args.set), args.score_cache, args.score_late)
-        print(markdown_table(run))
-        print(f"wrote {out} in {time.perf_counter() - started:.0f}s (work files in {workdir})", file=sys.stderr)
+    if args.worker:
+        out.write_text(json.dumps(execute(setup, RunSpec.parse(args.worker))) + "\n")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.score_cache is None:
+        args.score_cache = str(XTFConfig().resolved_cache_dir())
+    arms = [parse_arm(text, variants) for text in args.runs]
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    result: dict[str, Any] = {"runs": {}, "xtf": {}, **{k: previous[k] for k in ("runs", "xtf", "base") if k in previous}}
+    # seed by seed, so that every comparison has its first paired seed early
+    todo = [RunSpec.parse(f"{arm}/{seed}") for seed in args.seeds for arm in arms]
+
+    def done(spec: RunSpec) -> bool:
+        key = fingerprint(run_settings(setup, spec, args.eval_size))
+        if result["runs"].get(spec.id, {}).get("settings_key") == key:
+            print(f"[{spec.id}] kept from {out}", flush=True)
+            return True
+        plain = result["runs"].get(f"{spec.data}/sft/{spec.seed}")
+        if spec.method.startswith("xtf:") and plain and nothing_dropped(setup, spec):
+            # the same labels as plain SFT: the same run, bit for bit on CPU
+            result["runs"][spec.id] = {**plain, "method": spec.method, "settings_key": key,
+                                       "same_run_as": f"{spec.data}/sft/{spec.seed}"}
+            print(f"[{spec.id}] XTF dropped nothing: the run of {spec.data}/sft/{spec.seed}", flush=True)
+            return True
+        return False
+
+    def write() -> None:
+        result["summary"] = {arm: mean_spread([run["accuracy"] for run in by_seed.values()])
+                             for arm, by_seed in arm_runs(result["runs"]).items()}
+        result["comparisons"] = comparisons(result["runs"])
+        result["gap_recovered"] = gap_recovered(result["runs"])
+        document = {
+            "settings": {"model": args.model, "train_size": args.train_size, "eval_size": args.eval_size,
+                         "data_seed": data_seed, "recipe": {"name": args.recipe, **asdict(RECIPES[args.recipe])},
+                         "train": asdict(setup.settings), "lora_targets": "all-linear", "threads_per_process": 1,
+                         "max_new_tokens": setup.max_new_tokens,
+                         "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"})
+                                      for name, config in variants.items()}},
+            **result, "machine": machine(),
+            "example_noisy_response": inject(train_problems[:1], RECIPES[args.recipe], 7, setup.words)[0].completion,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temporary = out.with_suffix(".tmp")
+        temporary.write_text(json.dumps(document, indent=1) + "\n")
+        temporary.replace(out)
+
+    def record(spec: RunSpec | None, run: dict[str, Any]) -> None:
+        if spec is None:
+            result["xtf"].update(run["xtf"])
+        else:
+            run["settings_key"] = fingerprint(run_settings(setup, spec, args.eval_size))
+            result["runs"][spec.id] = run
+        write()
+
+    run_workers(args, setup, todo, variants, done, record)
+    if not args.no_base and result.get("base", {}).get("eval_size") != args.eval_size:
+        result["base"] = {**evaluate_base(setup), "eval_size": args.eval_size}
+        print(f"[base] accuracy {result['base']['accuracy']:.3f}", flush=True)
+    write()
+    print(markdown_tables(result))
     print(f"wrote {out} in {time.perf_counter() - started:.0f}s (work files in {workdir})", file=sys.stderr)
 
 

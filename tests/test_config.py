@@ -78,7 +78,7 @@ def test_nested_unknown_key():
         ({"kn_threshold": 0}, "xtf.kn_threshold: Input should be greater than 0 (got 0)"),
         ({"caps": {"novelty": 2}}, "xtf.caps.novelty: Input should be less than or equal to 1 (got 2)"),
         ({"weights": {"novelty": -1}}, "xtf.weights.novelty: Input should be greater than or equal to 0 (got -1)"),
-        ({"mode": "x"}, "xtf.mode: Input should be 'union' or 'weighted' (got 'x')"),
+        ({"mode": "x"}, "xtf.mode: Input should be 'union', 'weighted' or 'spans' (got 'x')"),
         ({"scope": "batch"}, "xtf.scope: Input should be 'example' or 'dataset' (got 'batch')"),
         ({"tr_method": "gain"}, "xtf.tr_method: Input should be 'vector' or 'prompt_gain' (got 'gain')"),
         ({"tr_domain": "x"}, "xtf.tr_domain: Input should be 'auto' or 'words' (got 'x')"),

@@ -26,6 +26,25 @@ REASON_BITS: dict[str, int] = {"reasoning": 1, "novelty": 2, "relevance": 4}
 """Bit set in `xtf_drop` when a token is dropped for lacking that attribute."""
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    # The field defaults of XTFConfig: the paper's union of three capped token tests, with the three measured
+    # departures that make each test select anything at all (README, "How the scores are computed").
+    "paper": {},
+    "spans": {"mode": "spans", "drop_ratio": 0.5},
+}
+"""Preset name -> the settings it gives; keys a user sets override them (mappings merged key by key)."""
+
+DEFAULT_PRESET = "paper"
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -62,11 +81,19 @@ class XTFConfig(_Strict):
     """Settings of XTF token filtering. Every field can be set in YAML (`xtf:` block), with
     `xtf score --set key=value`, or in Python."""
 
+    preset: Literal["paper", "spans"] = Field(
+        DEFAULT_PRESET,
+        description="Named starting point for every other key (keys you set override it): paper = the paper's "
+        "three token tests, OR-ed, with the official caps; spans = mask whole sentences / lines that are "
+        "off-task, never the task's format (measured in benchmarks/README.md).",
+    )
+
     # --- selection --------------------------------------------------------------------------------
-    mode: Literal["union", "weighted"] = Field(
+    mode: Literal["union", "weighted", "spans"] = Field(
         "union",
         description="union: the paper's per-attribute tests, OR-ed; weighted: drop the lowest drop_ratio "
-        "fraction of the weighted, rank-normalised combined score.",
+        "fraction of the weighted, rank-normalised combined score; spans: mask the off-task spans (sentences, "
+        "lines) of each response.",
     )
     weights: AttributeWeights = Field(default_factory=AttributeWeights, description="Attribute weights.")
     drop_ratio: float = Field(
@@ -104,6 +131,12 @@ class XTFConfig(_Strict):
         description="TR: Multi-Otsu classes (0 = lowest) whose tokens lack relevance. The paper masks only the "
         "second-lowest ([1]) because its lowest class held whitespace symbols; with centred vectors the lowest "
         "class is where off-task tokens land (benchmarks/results/tr_variants.json).",
+    )
+    span_fence_k: float = Field(
+        3.0,
+        gt=0,
+        description="spans: a span is off-task when its mean surprise (-log p of its word tokens) lies more than "
+        "k robust standard deviations (1.4826 MAD) above the median span of the dataset.",
     )
     protect: list[str] = Field(
         default_factory=list,
@@ -153,6 +186,15 @@ class XTFConfig(_Strict):
     cache_dir: str | None = Field(
         None, description="Score cache folder. Default: $XTF_CACHE or ~/.cache/xtf_plugin/scores."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", DEFAULT_PRESET)
+        # an unknown name is left for the field's own check, which names the allowed values
+        return _merged(PRESETS[preset], data) if isinstance(preset, str) and preset in PRESETS else data
 
     @field_validator("protect")
     @classmethod

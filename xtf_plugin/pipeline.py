@@ -25,6 +25,7 @@ from xtf_plugin.scores import TokenScores, flatten
 from xtf_plugin.scoring.engine import SCORER_VERSION, ScoringStats, batch_plan, score_forward
 from xtf_plugin.scoring.relevance import domain_token_groups, frequent_content_words, relevance_table
 from xtf_plugin.selection import Selection, apply_selection, select_tokens
+from xtf_plugin.spans import Spans, find_spans
 from xtf_plugin.tokens import TokenTexts, protected_mask, special_token_ids
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class ScoredDataset:
     config: XTFConfig
     texts: TokenTexts
     domain_words: list[str] = field(default_factory=list)
+    spans: Spans | None = None
     truncated: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -111,7 +113,8 @@ def score_dataset(
             for s in scores.example_slices()
         ]
     ) if scores.n_examples else np.zeros(0, bool)
-    selection = select_tokens(scores, response, protected, config)
+    spans = find_spans(input_ids, offsets, response, texts, specials) if config.mode == "spans" else None
+    selection = select_tokens(scores, response, protected, config, spans)
     n_scored = int(response.sum())
     return ScoredDataset(
         input_ids=input_ids,
@@ -123,6 +126,7 @@ def score_dataset(
         config=config,
         texts=texts,
         domain_words=domain_words,
+        spans=spans,
         truncated=data.truncated,
         stats={
             "scoring_seconds": round(stats.seconds, 3),

@@ -13,7 +13,11 @@ Union mode (the paper, with the official code's caps):
     ones), the union masks at most `floor(drop_ratio * n)` (most reasons first, then most lacking).
 Weighted mode: rank-normalise each attribute (per example or dataset-wide), combine with `weights`, mask
 the lowest `drop_ratio` fraction.
-Both modes never mask a protected token and never leave an example without a trainable token.
+Spans mode: per span (sentence or line, see `spans.py`), the mean surprise `-log p` of its word tokens; a
+span that is not a template and lies above the robust fence `median + span_fence_k * 1.4826 * MAD` of all
+spans of the dataset is off-task, and all its tokens are masked (reason bits TR + SPAN), the most surprising
+spans first, up to `floor(drop_ratio * n)` tokens per example.
+Every mode never masks a protected token and never leave an example without a trainable token.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import numpy as np
 
 from xtf_plugin.config import ATTRIBUTES, REASON_BITS, XTFConfig
 from xtf_plugin.scores import TokenScores
+from xtf_plugin.spans import Spans
+
+SPAN_BIT = 8
+"""Reason bit added to the attribute's bit when a token was masked as part of an off-task span."""
 
 # All three stored scores lack their attribute at the low end (KN = 1 - p lacks novelty when p is high), so
 # "most lacking" is always "lowest score".
@@ -41,12 +49,16 @@ class Selection:
         flagged: uint8 `[n_tokens]`, reason bits of every failed test, before caps and ceiling.
         combined: float32 `[n_tokens]`, weighted mode's combined score in [0, 1] (NaN elsewhere).
         thresholds: the thresholds actually used (JSON-serialisable), for the summary and report.
+        span_surprise: spans mode: float64 `[n_spans]`, each span's mean surprise (None in other modes).
+        span_off_task: spans mode: bool `[n_spans]`, spans judged off-task (before the per-example ceiling).
     """
 
     drop: np.ndarray
     flagged: np.ndarray
     combined: np.ndarray
     thresholds: dict[str, Any] = field(default_factory=dict)
+    span_surprise: np.ndarray | None = None
+    span_off_task: np.ndarray | None = None
 
     @property
     def keep(self) -> np.ndarray:
@@ -55,7 +67,7 @@ class Selection:
 
 
 def select_tokens(
-    scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig
+    scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig, spans: Spans | None = None
 ) -> Selection:
     """Decide which response tokens to mask.
 
@@ -64,6 +76,7 @@ def select_tokens(
         response: bool `[n_tokens]`, trained tokens before XTF.
         protected: bool `[n_tokens]`, tokens never masked.
         config: the selection settings.
+        spans: the responses' spans (`spans.find_spans`); needed by `mode: spans`.
     Returns:
         A `Selection`; `drop` is non-zero only where `response & ~protected`.
     """
@@ -73,6 +86,10 @@ def select_tokens(
         raise ValueError(f"response/protected must have shape ({scores.n_tokens},)")
     if config.mode == "union":
         selection = _select_union(scores, response, protected, config)
+    elif config.mode == "spans":
+        if spans is None or spans.ids.shape != (scores.n_tokens,):
+            raise ValueError("mode 'spans' needs the spans of the same tokens (spans.find_spans)")
+        selection = _select_spans(scores, response, protected, spans, config)
     else:
         selection = _select_weighted(scores, response, protected, config)
     _ensure_trainable(selection, scores, response, protected, config)
@@ -317,6 +334,65 @@ def _select_weighted(scores: TokenScores, response: np.ndarray, protected: np.nd
         drop[unexplained] = np.array([REASON_BITS[names[i]] for i in weakest], np.uint8)
     thresholds = {"mode": "weighted", "scope": config.scope, "drop_ratio": config.drop_ratio}
     return Selection(drop, flagged, combined.astype(np.float32), thresholds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# spans mode
+
+
+def surprise(kn: np.ndarray) -> np.ndarray:
+    """float64: `-log p(token)` from KN (`1 - p`), p floored at 1e-12."""
+    return -np.log(np.clip(1.0 - np.asarray(kn, np.float64), 1e-12, 1.0))
+
+
+def robust_fence(values: np.ndarray, k: float) -> tuple[float, float, float]:
+    """Upper fence `median + k * 1.4826 * MAD` of the finite values: (fence, median, scale). The MAD ignores
+    up to half of the values being outliers, so a dataset full of noise does not hide it."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.inf, math.nan, math.nan
+    median = float(np.median(values))
+    scale = 1.4826 * float(np.median(np.abs(values - median)))
+    return (median + k * scale if scale > 0 else math.inf), median, scale
+
+
+def _select_spans(
+    scores: TokenScores, response: np.ndarray, protected: np.ndarray, spans: Spans, config: XTFConfig
+) -> Selection:
+    n = scores.n_tokens
+    span_surprise = spans.mean(surprise(scores.kn))
+    fence, median, scale = robust_fence(span_surprise, config.span_fence_k)
+    off_task = (span_surprise > fence) & ~spans.template
+    candidate = response & ~protected
+    # each span's maskable tokens, as slices of one array sorted by span
+    tokens = np.flatnonzero((spans.ids >= 0) & candidate)
+    tokens = tokens[np.argsort(spans.ids[tokens], kind="stable")]
+    bounds = np.searchsorted(spans.ids[tokens], np.arange(spans.n_spans + 1))
+    bits = np.uint8(REASON_BITS["relevance"] | SPAN_BIT)
+    flagged = np.zeros(n, np.uint8)
+    drop = np.zeros(n, np.uint8)
+    budget = [math.floor(config.drop_ratio * int(response[part].sum())) for part in scores.example_slices()]
+    chosen = np.flatnonzero(off_task)
+    for index in chosen[np.argsort(-span_surprise[chosen], kind="stable")]:
+        members = tokens[bounds[index] : bounds[index + 1]]
+        flagged[members] = bits
+        e = int(spans.example[index])
+        if 0 < members.size <= budget[e]:
+            drop[members] = bits
+            budget[e] -= members.size
+    dropped_spans = np.unique(spans.ids[(drop > 0) & (spans.ids >= 0)])
+    thresholds = {
+        "mode": "spans",
+        "span_surprise_fence": None if math.isinf(fence) else round(fence, 4),
+        "span_surprise_median": round(median, 4) if math.isfinite(median) else None,
+        "span_surprise_scale": round(scale, 4) if math.isfinite(scale) else None,
+        "span_fence_k": config.span_fence_k,
+        "spans": spans.n_spans,
+        "template_spans": int(spans.template.sum()),
+        "off_task_spans": int(off_task.sum()),
+        "dropped_spans": int(dropped_spans.size),
+    }
+    return Selection(drop, flagged, np.full(n, np.nan, np.float32), thresholds, span_surprise, off_task)
 
 
 # ----------------------------------------------------------------------------------------------------

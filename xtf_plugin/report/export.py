@@ -8,6 +8,7 @@ from pathlib import Path
 
 from xtf_plugin.report.load import ScoredDir
 from xtf_plugin.report.stats import reason_names
+from xtf_plugin.selection import SPAN_BIT
 
 
 def _score(value: float) -> float | None:
@@ -15,9 +16,9 @@ def _score(value: float) -> float | None:
 
 
 def write_tokens_jsonl(scored: ScoredDir, path: str | Path) -> int:
-    """Write `{"example", "position", "token", "ri", "kn", "tr", "reasons", "kept"}` per token (scores `null`
-    where unscored, `reasons` the attribute names that dropped it, `kept` false for dropped tokens); returns
-    the number of rows."""
+    """Write `{"example", "position", "token", "ri", "kn", "tr", "reasons", "span", "kept"}` per token (scores
+    `null` where unscored, `reasons` the attribute names that dropped it, `span` true where it was masked with
+    its off-task span, `kept` false for dropped tokens); returns the number of rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [reason_names(b) for b in range(8)]
@@ -40,6 +41,7 @@ def write_tokens_jsonl(scored: ScoredDir, path: str | Path) -> int:
                             "kn": _score(kn[k]),
                             "tr": _score(tr[k]),
                             "reasons": names[bits & 7],
+                            "span": bool(bits & SPAN_BIT),
                             "kept": bits == 0,
                         },
                         ensure_ascii=False,

@@ -21,8 +21,9 @@ from xtf_plugin.report.summary import pairwise_overlaps, reason_combinations, re
 COLORS: dict[str, str] = {"reasoning": "#e45756", "novelty": "#4c78a8", "relevance": "#54a24b", "several": "#e8b90f"}
 """Highlight colour of a token dropped by one attribute, or by several."""
 
-SEVERAL_FLAG = 8
-"""Bit in an example's reason mask: some token was dropped for two or more reasons."""
+SEVERAL_FLAG = 16
+"""Bit in an example's reason mask: some token was dropped for two or more reasons (bit 8 there, as in
+`xtf_drop`: some token was masked with its off-task span)."""
 
 
 def _esc(value: Any) -> str:
@@ -148,6 +149,14 @@ def _thresholds_rows(summary: dict[str, Any], config: dict[str, Any]) -> list[tu
                 f"(min {_fmt(fence['min'])}, max {_fmt(fence['max'])}, {fence['examples']:,} examples)",
             )
         )
+    if thresholds.get("mode") == "spans":
+        fence = thresholds.get("span_surprise_fence")
+        rows.append(("spans", (
+            f"off-task when the mean surprise of a span's word tokens is above {_fmt(fence)} nats "
+            f"(median {_fmt(thresholds['span_surprise_median'])} + {_esc(thresholds['span_fence_k'])} x "
+            f"{_fmt(thresholds['span_surprise_scale'])}); {thresholds['off_task_spans']:,} of "
+            f"{thresholds['spans']:,} spans, {thresholds['template_spans']:,} templates never masked"
+        ) if fence is not None else "no spread in span surprise: nothing is off-task"))
     if config.get("drop_ratio") is not None:
         rows.append(("drop ratio", _esc(config["drop_ratio"])))
     if config.get("caps"):
@@ -176,7 +185,8 @@ def _top_tokens_html(tops: dict[str, list[tuple[str, int]]]) -> str:
 
 def _numbers(values: np.ndarray) -> np.ndarray:
     """Compact JSON numbers (3 significant digits, `null` for NaN)."""
-    out = np.char.mod("%.3g", values.astype(np.float64))
+    # wide enough for "null": "%.3g" of NaN alone would give a 3-character dtype that truncates it to "nul"
+    out = np.char.mod("%.3g", values.astype(np.float64)).astype("<U12")
     out[~np.isfinite(values)] = "null"
     return out
 
@@ -189,7 +199,7 @@ DEFAULT_MAX_EXAMPLES = 5000
 def examples_json(scored: ScoredDir, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
     """The viewer's data for the first `max_examples` examples: `vocab` (distinct token texts) and one row per example:
     `[index, response tokens, dropped tokens, reason mask, vocab indices, reason bits, ri, kn, tr]`, response
-    tokens only (bits 1/2/4 as in `xtf_drop`; mask bit 8: some token has several reasons)."""
+    tokens only (bits 1/2/4/8 as in `xtf_drop`; mask bit 16: some token has several reasons)."""
     response = scored.response
     ids = scored.input_ids[response]
     vocab_ids, inverse = np.unique(ids, return_inverse=True)
@@ -239,6 +249,21 @@ def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFA
     ]
     if "protected_tokens" in summary:
         rows.append(("protected tokens", f"{summary['protected_tokens']:,}"))
+    spans = summary.get("dropped_spans")
+    spans_html = ""
+    if spans is not None:
+        rows.append(("off-task spans masked", f"{spans['dropped_spans']:,} of {spans['spans']:,} in "
+                     f"{spans['examples_with_a_dropped_span']:,} examples"))
+        items = "".join(
+            f"<tr><td class='num'>#{item['example']}</td><td class='num'>{item['surprise']:.2f}</td>"
+            f"<td><code>{_esc(json.dumps(item['text'], ensure_ascii=False))}</code></td></tr>"
+            for item in spans["most_surprising"]
+        )
+        spans_html = (
+            "<section><h2>Masked spans</h2><p class='note'>the most surprising off-task spans (mean -log p of their "
+            "word tokens, nats); each was masked whole</p><table><tr><th>example</th><th>surprise</th><th>span</th></tr>"
+            + (items or "<tr><td colspan='3'>none</td></tr>") + "</table></section>"
+        )
     hists = score_histograms({"reasoning": scored.ri, "novelty": scored.kn, "relevance": scored.tr}, response, drop, summary)
     tops = top_dropped_tokens(scored.input_ids, drop, scored.texts, limit=10)
     data = examples_json(scored, max_examples).replace("</", "<\\/")
@@ -251,7 +276,7 @@ def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFA
     )
     legend = "".join(
         f"<span class='tok drop drop-{key}'>{label}</span> "
-        for key, label in (("ri", "RI"), ("kn", "KN"), ("tr", "TR"), ("multi", "several"))
+        for key, label in (("ri", "RI"), ("kn", "KN"), ("tr", "TR"), ("multi", "several"), ("tr drop-span", "off-task span"))
     )
     body = f"""
 <h1>XTF report <small>{_esc(scored.path.name)}</small></h1>
@@ -266,13 +291,15 @@ def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFA
 limit how many of the tokens past a threshold are dropped); dashed: thresholds.</p>
 <div class="hists">{"".join(histogram_svg(name, hists[name]) for name in ATTRIBUTES)}</div></section>
 <section><h2>Most dropped tokens</h2>{_top_tokens_html(tops)}</section>
+{spans_html}
 <section><h2>Examples</h2>{viewer_note}
 <div class="controls">
  <input id="q" type="search" placeholder="search text..." aria-label="search">
  <select id="reason" aria-label="filter by reason">
   <option value="all">all examples</option><option value="any">with a dropped token</option>
   <option value="1">dropped by RI</option><option value="2">dropped by KN</option><option value="4">dropped by TR</option>
-  <option value="8">a token with several reasons</option><option value="none">nothing dropped</option>
+  <option value="8">an off-task span</option>
+  <option value="16">a token with several reasons</option><option value="none">nothing dropped</option>
  </select>
  <select id="sort" aria-label="sort">
   <option value="index">input order</option><option value="desc">most dropped first</option>
@@ -322,6 +349,7 @@ table.kv td {{ text-align: right; }}
 .tok.drop {{ border-radius: 2px; }}
 .drop-ri {{ background: {COLORS["reasoning"]}77; }} .drop-kn {{ background: {COLORS["novelty"]}77; }}
 .drop-tr {{ background: {COLORS["relevance"]}77; }} .drop-multi {{ background: {COLORS["several"]}aa; }}
+.drop-span {{ text-decoration: line-through; text-decoration-color: #333a; }}
 .legend .tok {{ padding: 0 4px; margin-right: 4px; text-decoration: none; }}
 .tok.sel {{ outline: 2px solid #000; }}
 @media (max-width: 800px) {{ .grid, .tops {{ grid-template-columns: 1fr; }} }}
@@ -341,7 +369,7 @@ JS = r"""
   function describe(e, j) {
     var bits = e[5][j];
     return 'RI ' + fmt(e[6][j]) + '  KN ' + fmt(e[7][j]) + '  TR ' + fmt(e[8][j]) +
-      (bits ? '  | dropped: ' + reasons(bits).join('+') : '  | kept');
+      (bits ? '  | dropped: ' + reasons(bits).join('+') + (bits & 8 ? ' (off-task span)' : '') : '  | kept');
   }
   function frac(e) { return e[1] ? e[2] / e[1] : 0; }
   function update() {
@@ -372,7 +400,8 @@ JS = r"""
       var body = document.createElement('div'); body.className = 'text';
       for (var j = 0; j < e[4].length; j++) {
         var s = document.createElement('span'), bits = e[5][j];
-        s.className = bits ? 'tok drop ' + ((bits & (bits - 1)) ? 'drop-multi' : CLS[bits]) : 'tok';
+        var a = bits & 7;
+        s.className = bits ? 'tok drop ' + ((a & (a - 1)) ? 'drop-multi' : CLS[a]) + (bits & 8 ? ' drop-span' : '') : 'tok';
         s.textContent = V[e[4][j]]; s.dataset.j = j; s.title = describe(e, j);
         body.appendChild(s);
       }

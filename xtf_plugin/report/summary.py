@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from xtf_plugin.config import ATTRIBUTES, REASON_BITS
+from xtf_plugin.selection import SPAN_BIT
 
 
 def reason_counts(drop: np.ndarray) -> dict[str, int]:
@@ -45,6 +46,28 @@ def top_dropped_tokens(
     return result
 
 
+def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
+    """Spans mode: how many spans were masked, and the most surprising ones with their example, text and mean
+    surprise (nats per word token); None in the other modes."""
+    selection, spans = scored.selection, scored.spans
+    if selection.span_surprise is None or spans is None:
+        return None
+    dropped_tokens = (selection.drop & SPAN_BIT) > 0
+    dropped = np.unique(spans.ids[dropped_tokens & (spans.ids >= 0)])
+    order = dropped[np.argsort(-selection.span_surprise[dropped], kind="stable")][:limit]
+    return {
+        "spans": spans.n_spans,
+        "template_spans": int(spans.template.sum()),
+        "off_task_spans": int(selection.span_off_task.sum()),
+        "dropped_spans": int(dropped.size),
+        "examples_with_a_dropped_span": int(np.unique(spans.example[dropped]).size),
+        "most_surprising": [
+            {"example": int(spans.example[i]), "surprise": round(float(selection.span_surprise[i]), 3), "text": spans.texts[i]}
+            for i in order
+        ],
+    }
+
+
 def summarize(scored: Any) -> dict[str, Any]:
     """JSON-serialisable summary of a `ScoredDataset`."""
     drop = scored.selection.drop
@@ -74,6 +97,8 @@ def summarize(scored: Any) -> dict[str, Any]:
             for k, v in top_dropped_tokens(scored.input_ids, drop, scored.texts).items()
         },
         "mode": scored.config.mode,
+        "preset": scored.config.preset,
+        **({"dropped_spans": spans} if (spans := dropped_spans(scored)) is not None else {}),
         **scored.stats,
     }
 
@@ -84,6 +109,14 @@ def summary_line(summary: dict[str, Any]) -> str:
     top = ", ".join(
         f"{name}: {' '.join(repr(text) for text, _ in pairs[:3])}" for name, pairs in summary["top_dropped_tokens"].items() if pairs
     )
+    spans = summary.get("dropped_spans")
+    if spans is not None:
+        return (
+            f"XTF: kept {summary['kept_fraction']:.1%} of {summary['response_tokens']} response tokens in "
+            f"{summary['examples']} examples; masked {spans['dropped_spans']} off-task spans of {spans['spans']} "
+            f"in {spans['examples_with_a_dropped_span']} examples"
+            + (f", e.g. {spans['most_surprising'][0]['text'].strip()!r}" if spans["most_surprising"] else "")
+        )
     return (
         f"XTF: kept {summary['kept_fraction']:.1%} of {summary['response_tokens']} response tokens in "
         f"{summary['examples']} examples (dropped RI {by['reasoning']:.1%}, KN {by['novelty']:.1%}, "
@@ -114,9 +147,29 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
         ("scoring time", f"{summary['scoring_seconds']:.1f} s ({summary['tokens_per_second']:,.0f} tok/s)"),
         ("cached shards reused", str(summary["cached_shards"])),
     ]
+    spans = summary.get("dropped_spans")
+    if spans is not None:
+        fence = (summary.get("thresholds") or {}).get("span_surprise_fence")
+        rows = [
+            *rows[:4],
+            ("  off-task spans masked", f"{spans['dropped_spans']:,} of {spans['spans']:,} spans"),
+            ("  in examples", f"{spans['examples_with_a_dropped_span']:,}"),
+            ("  template spans (never masked)", f"{spans['template_spans']:,}"),
+            ("  surprise fence", "none (no spread)" if fence is None else f"{fence:.2f} nats per token"),
+            *rows[4 + len(ATTRIBUTES) + 3 :],
+        ]
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    if spans is not None:
+        shown = Table(title="most surprising masked spans", show_header=True)
+        shown.add_column("example", justify="right")
+        shown.add_column("surprise", justify="right")
+        shown.add_column("span")
+        for item in spans["most_surprising"][:10]:
+            shown.add_row(str(item["example"]), f"{item['surprise']:.2f}", repr(item["text"]))
+        console.print(shown)
+        return
     tops = Table(title="most dropped tokens", show_header=True)
     tops.add_column("attribute")
     tops.add_column("tokens (count)")

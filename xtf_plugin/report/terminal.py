@@ -6,28 +6,41 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from xtf_plugin.config import REASON_BITS
 from xtf_plugin.report.load import ScoredDir
 from xtf_plugin.report.stats import SHORT_NAMES, reason_names
+from xtf_plugin.selection import SPAN_BIT
 
 STYLES: dict[str, str] = {"reasoning": "black on red", "novelty": "black on blue", "relevance": "black on green"}
 SEVERAL_STYLE = "black on yellow"
 
 
 def reasons_label(bits: int) -> str:
-    """`6` -> `KN+TR`."""
-    return "+".join(SHORT_NAMES[n] for n in reason_names(bits))
+    """`6` -> `KN+TR`; `12` -> `TR span` (masked with its off-task span)."""
+    label = "+".join(SHORT_NAMES[n] for n in reason_names(bits))
+    return f"{label} span" if bits & SPAN_BIT else label
 
 
 def marked_text(scored: ScoredDir, index: int) -> str:
-    """The response of example `index` with each dropped token as `[[token]](KN)`."""
+    """The response of example `index` with each dropped token as `[[token]](KN)`, and each masked span as
+    one `[[span text]](TR span)`."""
     part = scored.example_slice(index)
     response = scored.response[part]
-    pieces = []
+    pieces: list[str] = []
+    run: list[str] = []
     for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.drop[part].tolist(), response.tolist(), strict=True):
         if not trained:
             continue
         text = scored.texts[token_id]
+        if bits & SPAN_BIT:
+            run.append(text)
+            continue
+        if run:
+            pieces.append(f"[[{''.join(run)}]]({reasons_label(REASON_BITS['relevance'] | SPAN_BIT)})")
+            run = []
         pieces.append(f"[[{text}]]({reasons_label(bits)})" if bits else text)
+    if run:
+        pieces.append(f"[[{''.join(run)}]]({reasons_label(REASON_BITS['relevance'] | SPAN_BIT)})")
     return "".join(pieces)
 
 
@@ -53,7 +66,7 @@ def print_examples(scored: ScoredDir, count: int, console: Any = None) -> None:
     console = console or Console()
     count = min(count, scored.n_examples)
     tty = console.is_terminal
-    legend = "dropped tokens: " + ", ".join(f"{SHORT_NAMES[n]} = lacking {n}" for n in SHORT_NAMES)
+    legend = "dropped tokens: " + ", ".join(f"{SHORT_NAMES[n]} = lacking {n}" for n in SHORT_NAMES) + ", span = an off-task span"
     if tty:
         console.print(legend + " (colours: RI red, KN blue, TR green, several yellow)")
     else:

@@ -1,0 +1,253 @@
+"""Spans (`xtf_plugin.spans`) and spans selection, presets (`XTFConfig(preset=...)`).
+
+Responses are tokenised with the tests' real BPE tokenizer; the scores are written by hand per span, so each
+expected decision follows from the fence computed in the comment next to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from xtf_plugin.config import PRESETS, XTFConfig, XTFConfigError, load_xtf_config
+from xtf_plugin.scores import TokenScores
+from xtf_plugin.selection import SPAN_BIT, robust_fence, select_tokens, surprise
+from xtf_plugin.spans import find_spans, span_shape
+from xtf_plugin.tokens import TokenTexts, special_token_ids
+
+
+def encode(tokenizer, prompts_and_responses: list[tuple[str, str]]):
+    """Flat input_ids / response mask / offsets for prompt + response + EOS examples."""
+    ids, response, lengths = [], [], []
+    for prompt, text in prompts_and_responses:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        ids += p + r
+        response += [False] * len(p) + [True] * len(r)
+        lengths.append(len(p) + len(r))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.asarray(ids, np.int64), np.asarray(response, bool), offsets
+
+
+def spans_of(tokenizer, examples):
+    ids, response, offsets = encode(tokenizer, examples)
+    spans = find_spans(ids, offsets, response, TokenTexts(tokenizer), special_token_ids(tokenizer))
+    return ids, response, offsets, spans
+
+
+def test_spans_are_lines_and_sentences(tiny_tokenizer):
+    _, _, _, spans = spans_of(tiny_tokenizer, [("Q: how many?\n", "She has 5 apples. Then she buys 3 more.\n5 + 3 = 8\n#### 8")])
+    assert spans.texts == ["She has 5 apples.", " Then she buys 3 more.\n", "5 + 3 = 8\n", "#### 8"]
+    assert spans.example.tolist() == [0, 0, 0, 0]
+
+
+def test_prompt_and_eos_belong_to_no_span(tiny_tokenizer):
+    ids, response, _, spans = spans_of(tiny_tokenizer, [("Q: how many?\n", "She has 5 apples.")])
+    assert (spans.ids[~response] == -1).all()
+    assert spans.ids[-1] == -1 and ids[-1] == tiny_tokenizer.eos_token_id
+    assert (spans.ids[response][:-1] == 0).all()
+
+
+def test_short_pieces_join_the_next_span_of_their_line(tiny_tokenizer):
+    # "Mr." has one word token: it is not a sentence of its own; "1." alone on its line joins the line's span
+    _, _, _, spans = spans_of(tiny_tokenizer, [("Q\n", "Mr. Brown has 12 pens. He sells 4 of them.\nDone now ok.")])
+    assert spans.texts == ["Mr. Brown has 12 pens.", " He sells 4 of them.\n", "Done now ok."]
+
+
+def test_a_shape_shared_with_other_numbers_is_a_template_a_verbatim_repeat_is_not(tiny_tokenizer):
+    examples = [(f"Q{i}\n", f"{10 + i} - 2 = {8 + i}.\nAs an AI I am glad to help.\nThe answer is {8 + i}.")
+                for i in range(4)]
+    _, _, _, spans = spans_of(tiny_tokenizer, examples)
+    by_text = dict(zip(spans.texts, spans.template.tolist(), strict=True))
+    assert by_text["10 - 2 = 8.\n"] and by_text["The answer is 9."]
+    # the same sentence word for word in every response has no slot for the example: not the task's format
+    assert by_text["As an AI I am glad to help.\n"] is False
+    assert span_shape(" The answer is 125.") == "the answer is 0."
+
+
+def test_robust_fence_ignores_a_minority_of_outliers():
+    values = np.array([1.0, 1.2, 0.8, 1.1, 0.9, 9.0, 10.0, np.nan])
+    fence, median, scale = robust_fence(values, 3.0)
+    # median of the 7 finite values = 1.1; |deviations| sorted: 0, .1, .1, .2, .3, 7.9, 8.9 -> MAD 0.2
+    assert median == pytest.approx(1.1)
+    assert scale == pytest.approx(1.4826 * 0.2)
+    assert fence == pytest.approx(1.1 + 3 * 1.4826 * 0.2)
+    assert robust_fence(np.ones(5), 3.0)[0] == math.inf  # no spread: nothing is an outlier
+
+
+def spans_selection(tokenizer, examples, span_p, protected_texts=(), **config):
+    """Select in spans mode where every token of span s has p = span_p[s] (surprise -log p)."""
+    ids, response, offsets, spans = spans_of(tokenizer, examples)
+    p = np.full(len(ids), 0.5)
+    for index, value in enumerate(span_p):
+        p[spans.ids == index] = value
+    kn = np.where(response, 1.0 - p, np.nan)
+    scores = TokenScores(offsets, np.full(len(ids), np.nan), kn, np.full(len(ids), np.nan))
+    protected = np.zeros(len(ids), bool)
+    protected[-1] = True
+    for index, text in enumerate(spans.texts):
+        if text in protected_texts:
+            protected[spans.ids == index] = True
+    selection = select_tokens(scores, response, protected, XTFConfig(preset="spans", **config), spans)
+    return spans, selection, response
+
+
+def test_spans_mode_masks_the_off_task_span_whole_and_nothing_else(tiny_tokenizer):
+    lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "Blue moon singing quietly tonight.\n",
+             "She has 8 apples now.\n", "So she has more than before.\n", "That is the result here."]
+    spans, selection, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))],
+                                                 [0.5, 0.6, 0.001, 0.4, 0.55, 0.45])
+    assert spans.texts == lines
+    # surprise per span: -log p = .693, .511, 6.908, .916, .598, .799; median (.693 + .799) / 2 = .746;
+    # |deviations| .053 .053 .148 .170 .235 6.162 -> MAD .159; fence .746 + 3 * 1.4826 * .159 = 1.453
+    off = spans.ids == 2
+    assert (selection.drop[off] == 4 | SPAN_BIT).all()
+    assert (selection.drop[~off] == 0).all()
+    assert selection.thresholds["off_task_spans"] == 1 and selection.thresholds["dropped_spans"] == 1
+    assert selection.thresholds["span_surprise_fence"] == pytest.approx(1.453, abs=2e-3)
+    assert surprise(np.array([0.5]))[0] == pytest.approx(math.log(2))
+
+
+def test_spans_mode_never_masks_a_template_or_a_protected_span(tiny_tokenizer):
+    examples = [(f"Q{i}\n", f"She has {i + 2} apples now.\nThen she buys 3 more apples.\nThe answer is {i + 5}.")
+                for i in range(4)]
+    # every "The answer is N." is hopelessly surprising, but it is the task's format (a template, as is
+    # "She has N apples now."); the verbatim "Then she buys 3 more apples." is no template, so the one surprising
+    # copy is off-task: the user protects it
+    # surprise: 4 x .693, 3 x .511, 5 x 9.210 -> median .693, MAD .182, fence 1.50
+    p = [0.5, 0.6, 1e-4] * 4
+    p[1] = 1e-4
+    spans, selection, _ = spans_selection(tiny_tokenizer, examples, p, protected_texts=("Then she buys 3 more apples.\n",))
+    assert selection.thresholds["template_spans"] == 8
+    assert selection.span_off_task.tolist() == [False, True] + [False] * 10
+    assert (selection.drop == 0).all()
+
+
+def test_spans_mode_respects_the_per_example_ceiling(tiny_tokenizer):
+    lines = ["She has 5 apples.\n", "Blue moon singing quietly tonight.\n", "Green river dancing loudly here.\n",
+             "She has 8 apples now.\n", "So she has more than before.\n", "That is the result here."]
+    ps = [0.5, 0.001, 0.0001, 0.4, 0.55, 0.45]
+    spans, wide, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], ps)
+    both = (spans.ids == 1) | (spans.ids == 2)
+    assert (wide.drop[both] > 0).all()
+    n_response = int(response.sum())
+    one_span = int((spans.ids == 2).sum())
+    # room for one off-task span only: the more surprising one (p = 1e-4) goes, the other stays flagged
+    _, tight, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], ps,
+                                  drop_ratio=(one_span + 1) / n_response)
+    assert (tight.drop[spans.ids == 2] > 0).all() and (tight.drop[spans.ids == 1] == 0).all()
+    assert (tight.flagged[spans.ids == 1] > 0).all()
+
+
+def test_spans_mode_on_uniform_data_masks_nothing(tiny_tokenizer):
+    lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "She has 8 apples now."]
+    _, selection, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5, 0.5, 0.5])
+    assert (selection.drop == 0).all() and selection.thresholds["span_surprise_fence"] is None
+
+
+def test_spans_mode_without_spans_is_an_error():
+    scores = TokenScores(np.array([0, 2]), np.zeros(2), np.zeros(2), np.zeros(2))
+    with pytest.raises(ValueError, match="spans"):
+        select_tokens(scores, np.ones(2, bool), np.zeros(2, bool), XTFConfig(mode="spans"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# presets
+
+
+def test_preset_gives_its_settings_and_keys_set_by_the_user_win():
+    assert XTFConfig().preset == "paper" and XTFConfig().mode == "union"
+    spans = XTFConfig(preset="spans")
+    assert (spans.mode, spans.drop_ratio) == ("spans", 0.5)
+    mine = load_xtf_config({"preset": "spans", "drop_ratio": 0.3, "weights": {"novelty": 0}})
+    assert (mine.mode, mine.drop_ratio, mine.weights.novelty, mine.weights.relevance) == ("spans", 0.3, 0.0, 1.0)
+    assert set(PRESETS) == {"paper", "spans"}
+
+
+def test_resolved_settings_load_back_to_the_same_config():
+    config = load_xtf_config({"preset": "spans", "span_fence_k": 2.5})
+    assert XTFConfig.model_validate(config.model_dump(mode="json")) == config
+
+
+def test_unknown_preset_names_the_key_and_the_choices():
+    with pytest.raises(XTFConfigError, match=r"xtf\.preset: .*'paper'.*'spans'"):
+        load_xtf_config({"preset": "fast"})
+
+
+def test_score_dataset_in_spans_mode(tiny_model, tiny_tokenizer, cache_dir):
+    from tests.conftest import gsm8k_rows
+    from xtf_plugin.data import tokenize_records
+    from xtf_plugin.pipeline import score_dataset
+
+    data = tokenize_records(gsm8k_rows(6), tiny_tokenizer, "auto", 512, source="rows")
+    scored = score_dataset(tiny_model, tiny_tokenizer, data, XTFConfig(preset="spans"), progress=False)
+    assert scored.spans is not None and scored.spans.ids.shape == scored.input_ids.shape
+    assert scored.selection.thresholds["mode"] == "spans"
+    assert scored.selection.thresholds["spans"] == scored.spans.n_spans > 6
+    dropped = scored.selection.drop > 0
+    # whole spans or nothing: every dropped token's span has all its maskable tokens dropped
+    for index in np.unique(scored.spans.ids[dropped]):
+        members = (scored.spans.ids == index) & scored.response & ~scored.protected
+        assert dropped[members].all()
+    assert not (dropped & ~scored.response).any()
+
+
+def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model_dir, tmp_path):
+    """A selection made in spans mode, written by the real output writer and read back by `xtf report`."""
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    from xtf_plugin.output import write_output_dir
+    from xtf_plugin.pipeline import ScoredDataset
+    from xtf_plugin.report.export import write_tokens_jsonl
+    from xtf_plugin.report.html import write_html
+    from xtf_plugin.report.load import attach_texts, load_scored_dir
+    from xtf_plugin.report.summary import summarize, summary_line
+    from xtf_plugin.report.terminal import marked_text
+
+    lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "Blue moon singing quietly tonight.\n",
+             "She has 8 apples now.\n", "So she has more than before.\n", "That is the result here."]
+    spans, selection, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5, 0.6, 0.001, 0.4, 0.55, 0.45])
+    ids, _, offsets = encode(tiny_tokenizer, [("Q\n", "".join(lines))])
+    labels = np.where(response, ids, -100)
+    n = len(ids)
+    scored = ScoredDataset(
+        input_ids=ids, labels=labels, offsets=offsets,
+        scores=TokenScores(offsets, np.full(n, np.nan), np.where(response, 0.5, np.nan), np.full(n, np.nan)),
+        protected=ids == tiny_tokenizer.eos_token_id, selection=selection, config=XTFConfig(preset="spans"),
+        texts=TokenTexts(tiny_tokenizer), spans=spans, stats={"scoring_seconds": 1.0, "tokens_per_second": 1.0,
+                                                              "cached_shards": 0},
+    )
+    summary = {**summarize(scored), "model": str(tiny_model_dir), "data": "hand-made"}
+    assert summary["dropped_spans"]["dropped_spans"] == 1
+    assert summary["dropped_spans"]["most_surprising"] == [
+        {"example": 0, "surprise": pytest.approx(6.908, abs=1e-3), "text": "Blue moon singing quietly tonight.\n"}]
+    assert "masked 1 off-task spans of 6 in 1 examples" in summary_line(summary)
+    out = write_output_dir(tmp_path / "scored", scored, summary)
+
+    loaded = attach_texts(load_scored_dir(out))
+    marked = marked_text(loaded, 0)
+    assert marked == "".join(lines[:2]) + "[[Blue moon singing quietly tonight.\n]](TR span)" + "".join(lines[3:]) + "<|im_end|>"
+    write_tokens_jsonl(loaded, tmp_path / "tokens.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "tokens.jsonl").read_text().splitlines()]
+    assert "".join(r["token"] for r in rows if r["span"]) == lines[2]
+    assert all(r["reasons"] == ["relevance"] and not r["kept"] for r in rows if r["span"])
+
+    page = write_html(loaded, tmp_path / "report.html").read_text()
+    assert "Masked spans" in page and "Blue moon singing quietly tonight." in page
+    assert "off-task when the mean surprise of a span" in page
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed: the HTML was written but not rendered")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", (tmp_path / "report.html").as_uri()], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    struck = re.findall(r'<span class="tok drop drop-tr drop-span"[^>]*title="([^"]*)"[^>]*>([^<]*)</span>', dom)
+    # the legend's swatch has no title; every token of the masked span is struck through, with its reason
+    assert "".join(text for _, text in struck) == lines[2]
+    assert all("dropped: TR (off-task span)" in title for title, _ in struck)
