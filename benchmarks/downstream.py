@@ -18,7 +18,7 @@ seeds (`paired.py`: a paired bootstrap over problems and an exact McNemar test).
 results file and skipped when the same run (same settings) is asked for again, so an interrupted benchmark
 resumes.
 
-    python benchmarks/downstream.py                          # the make bench matrix
+    python benchmarks/downstream.py                          # the whole matrix (make bench-downstream)
     python benchmarks/downstream.py --runs noisy/xtf:paper --seeds 0 1 2
     python benchmarks/downstream.py --variant tr='{"weights": {"reasoning": 0}}' --runs noisy/xtf:tr
     python benchmarks/downstream.py --quick                  # smoke test, tiny settings, nothing kept
@@ -444,8 +444,8 @@ def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], max_new_to
 DATA = ("clean", "noisy")
 PLAIN_METHODS = {"sft": "nll", "dft": "dft", "eaft": "eaft"}
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_RUNS = ("clean/sft", "clean/xtf:default", "clean/xtf:paper", "clean/dft", "noisy/sft", "noisy/xtf:default",
-                "noisy/xtf:paper", "noisy/random:default", "noisy/dft")
+DEFAULT_RUNS = ("noisy/sft", "noisy/xtf:spans", "noisy/random:spans", "clean/sft", "clean/xtf:spans", "noisy/dft",
+                "clean/dft", "noisy/xtf:paper", "clean/xtf:paper", "noisy/eaft", "clean/eaft")
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,31 @@ def test_spans_mode_masks_the_off_task_span_whole_and_nothing_else(tiny_tokenize
     assert surprise(np.array([0.5]))[0] == pytest.approx(math.log(2))
 
 
+def test_spans_mode_masks_only_the_surprising_phrase_of_a_real_sentence(tiny_tokenizer):
+    lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "She gives 2 apples to Tom blue moon singing.\n",
+             "She has 8 apples now.\n", "So she has more than before.\n", "That is the result here."]
+    ids, response, offsets, spans = spans_of(tiny_tokenizer, [("Q\n", "".join(lines))])
+    texts = TokenTexts(tiny_tokenizer).of(ids.tolist())
+    phrase = np.zeros(len(ids), bool)
+    inside = np.flatnonzero(spans.ids == 2)
+    rebuilt = np.cumsum([len(texts[j]) for j in inside])
+    start = "".join(lines[2]).index(" blue")
+    phrase[inside[rebuilt > start][:-2]] = True  # " blue moon singing" up to (not with) ".\n"
+    p = np.full(len(ids), 0.5)
+    for index, value in enumerate([0.5, 0.6, 0.5, 0.4, 0.55, 0.45]):
+        p[spans.ids == index] = value
+    p[phrase] = 1e-5
+    kn = np.where(response, 1.0 - p, np.nan)
+    scores = TokenScores(offsets, np.full(len(ids), np.nan), kn, np.full(len(ids), np.nan))
+    protected = ids == tiny_tokenizer.eos_token_id
+    selection = select_tokens(scores, response, protected, XTFConfig(preset="spans"), spans)
+    # the span's mean surprise is far above the fence, but its excess sits in " blue moon singing", a minority
+    # of its word tokens: only that phrase goes, "She gives 2 apples to Tom" stays trained
+    assert selection.span_off_task.tolist() == [False, False, True, False, False, False]
+    assert (selection.drop > 0).tolist() == phrase.tolist()
+    assert "".join(texts[j] for j in np.flatnonzero(selection.drop)) == " blue moon singing"
+
+
 def test_spans_mode_never_masks_a_template_or_a_protected_span(tiny_tokenizer):
     examples = [(f"Q{i}\n", f"She has {i + 2} apples now.\nThen she buys 3 more apples.\nThe answer is {i + 5}.")
                 for i in range(4)]

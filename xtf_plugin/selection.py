@@ -15,8 +15,9 @@ Weighted mode: rank-normalise each attribute (per example or dataset-wide), comb
 the lowest `drop_ratio` fraction.
 Spans mode: per span (sentence or line, see `spans.py`), the mean surprise `-log p` of its word tokens; a
 span that is not a template and lies above the robust fence `median + span_fence_k * 1.4826 * MAD` of all
-spans of the dataset is off-task, and all its tokens are masked (reason bits TR + SPAN), the most surprising
-spans first, up to `floor(drop_ratio * n)` tokens per example.
+spans of the dataset is off-task, and its tokens are masked (reason bits TR + SPAN): all of them, or only the
+phrase that holds the excess surprise when that is a small part of the span; the most surprising spans
+first, up to `floor(drop_ratio * n)` tokens per example.
 Every mode never masks a protected token and never leave an example without a trainable token.
 """
 
@@ -31,6 +32,10 @@ import numpy as np
 from xtf_plugin.config import ATTRIBUTES, REASON_BITS, XTFConfig
 from xtf_plugin.scores import TokenScores
 from xtf_plugin.spans import Spans
+
+PHRASE_SHARE = 2 / 3
+"""Spans mode: an off-task span whose most surprising phrase holds less than this share of its word tokens has
+only that phrase masked."""
 
 SPAN_BIT = 8
 """Reason bit added to the attribute's bit when a token was masked as part of an off-task span."""
@@ -373,8 +378,9 @@ def _select_spans(
     drop = np.zeros(n, np.uint8)
     budget = [math.floor(config.drop_ratio * int(response[part].sum())) for part in scores.example_slices()]
     chosen = np.flatnonzero(off_task)
+    token_surprise = surprise(scores.kn)
     for index in chosen[np.argsort(-span_surprise[chosen], kind="stable")]:
-        members = tokens[bounds[index] : bounds[index + 1]]
+        members = _off_task_part(tokens[bounds[index] : bounds[index + 1]], token_surprise, spans.content, fence)
         flagged[members] = bits
         e = int(spans.example[index])
         if 0 < members.size <= budget[e]:
@@ -393,6 +399,28 @@ def _select_spans(
         "dropped_spans": int(dropped_spans.size),
     }
     return Selection(drop, flagged, np.full(n, np.nan, np.float32), thresholds, span_surprise, off_task)
+
+
+def _off_task_part(members: np.ndarray, token_surprise: np.ndarray, content: np.ndarray, fence: float) -> np.ndarray:
+    """The tokens of an off-task span to mask: the whole span, unless its excess surprise sits in a phrase.
+
+    The phrase is the run of the span's tokens with the largest total excess surprise `-log p - fence` over its
+    word tokens (other tokens count 0); when that run holds less than `PHRASE_SHARE` of the span's word
+    tokens (a few random words inside a real sentence), only the run is masked, else the whole span (an
+    inserted sentence or line, its punctuation and line break included).
+    """
+    words = content[members] & np.isfinite(token_surprise[members])
+    excess = np.where(words, token_surprise[members] - fence, 0.0)
+    best, best_start, best_stop, total, start = -np.inf, 0, 0, 0.0, 0
+    for k, value in enumerate(excess):
+        if total <= 0:
+            total, start = 0.0, k
+        total += value
+        if total > best:
+            best, best_start, best_stop = total, start, k + 1
+    if words[best_start:best_stop].sum() >= PHRASE_SHARE * words.sum():
+        return members
+    return members[best_start:best_stop]
 
 
 # ----------------------------------------------------------------------------------------------------
