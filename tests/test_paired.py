@@ -44,7 +44,7 @@ def test_bootstrap_finds_a_clear_difference_and_its_interval_holds_it():
     b = rng.random((3, 500)) < 0.3
     a = b | (rng.random((3, 500)) < 0.2)  # A right wherever B is, and on about 14% more
     result = paired_bootstrap(a, b)
-    assert result["diff"] == pytest.approx((a.mean() - b.mean()))
+    assert result["diff"] == pytest.approx(a.mean() - b.mean())
     assert result["low"] < result["diff"] < result["high"] and result["low"] > 0
     assert result["p"] <= 1 / 4000 + 1e-12
 
