@@ -24,8 +24,10 @@ def config_error(data, source: str = "xtf") -> str:
 
 
 def test_defaults():
-    config = load_xtf_config(None)
-    assert config == XTFConfig() == load_xtf_config({})
+    assert load_xtf_config(None) == XTFConfig() == load_xtf_config({})
+    assert (XTFConfig().preset, XTFConfig().mode, XTFConfig().drop_ratio) == ("spans", "spans", 0.5)
+    # the paper preset holds the field defaults
+    config = load_xtf_config({"preset": "paper"})
     assert config.mode == "union"
     assert config.drop_ratio == 0.2
     assert config.kn_threshold == 0.95
@@ -145,7 +147,9 @@ SELECTION_CHANGES = [
     {"mode": "weighted"},
     {"mode": "weighted", "scope": "dataset"},
     {"weights": {"novelty": 0}},
-    {"drop_ratio": 0.5},
+    {"drop_ratio": 0.3},
+    {"preset": "paper"},
+    {"span_fence_k": 2.0},
     {"caps": {"reasoning": 0.5, "novelty": 0.01}},
     {"protect": ["^#### .*"]},
     {"kn_threshold": 0.5},

@@ -183,9 +183,11 @@ def test_spans_mode_without_spans_is_an_error():
 
 
 def test_preset_gives_its_settings_and_keys_set_by_the_user_win():
-    assert XTFConfig().preset == "paper" and XTFConfig().mode == "union"
+    assert XTFConfig() == XTFConfig(preset="spans") == load_xtf_config({})  # the default
     spans = XTFConfig(preset="spans")
     assert (spans.mode, spans.drop_ratio) == ("spans", 0.5)
+    paper = XTFConfig(preset="paper")
+    assert (paper.mode, paper.drop_ratio, paper.caps.novelty, paper.kn_threshold) == ("union", 0.2, 0.10, 0.95)
     mine = load_xtf_config({"preset": "spans", "drop_ratio": 0.3, "weights": {"novelty": 0}})
     assert (mine.mode, mine.drop_ratio, mine.weights.novelty, mine.weights.relevance) == ("spans", 0.3, 0.0, 1.0)
     assert set(PRESETS) == {"paper", "spans"}

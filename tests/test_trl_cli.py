@@ -59,11 +59,11 @@ def test_bad_xtf_setting_fails_before_training(tmp_path, extra, message):
 
 def test_bad_key_in_the_yaml_block_names_the_file(tmp_path):
     config = tmp_path / "cfg.yaml"
-    text = (ROOT / "example_configs" / "trl-cpu.yaml").read_text().replace("drop_ratio: 0.2", "drop_ration: 0.2")
+    text = (ROOT / "example_configs" / "trl-cpu.yaml").read_text().replace("preset: spans", "presets: spans")
     config.write_text(text)
     result = run_xtf_sft("--config", str(config))
     assert result.returncode == 2
-    assert f"{config}: xtf.drop_ration: unknown key" in result.stderr
+    assert f"{config}: xtf.presets: unknown key" in result.stderr
 
 
 def test_accelerate_arguments_are_removed_where_they_occur():

@@ -1,11 +1,13 @@
 """`XTFConfig`: the one schema behind the YAML `xtf:` block, the CLI and the Python API.
 
-Fields fall into two groups, and the split matters for the score cache:
+`preset` picks the starting point of every other field (`spans`, the default, or `paper`, whose values are the
+field defaults below); keys a user sets override the preset's. Fields fall into two groups, and the split
+matters for the score cache:
 
 * scorer settings (`ri_layers`, `ri_exclude_sink`, `tr_*`, `max_length`) change what the model computes;
   changing one re-runs the model;
-* selection settings (`mode`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_threshold`, `ri_fence_k`,
-  `tr_otsu_classes`, `tr_mask_classes`, `protect`) only change which scored tokens are masked; changing
+* selection settings (`preset`, `mode`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_threshold`, `ri_fence_k`,
+  `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `protect`) only change which scored tokens are masked; changing
   them never re-runs the model.
 """
 
@@ -34,7 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Preset name -> the settings it gives; keys a user sets override them (mappings merged key by key)."""
 
-DEFAULT_PRESET = "paper"
+DEFAULT_PRESET = "spans"
+"""The preset of a config that names none: the one that measured best (benchmarks/README.md, Downstream)."""
 
 
 def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -83,9 +86,9 @@ class XTFConfig(_Strict):
 
     preset: Literal["paper", "spans"] = Field(
         DEFAULT_PRESET,
-        description="Named starting point for every other key (keys you set override it): paper = the paper's "
-        "three token tests, OR-ed, with the official caps; spans = mask whole sentences / lines that are "
-        "off-task, never the task's format (measured in benchmarks/README.md).",
+        description="Named starting point for every other key (keys you set override it): spans (default) = mask "
+        "the off-task sentences, lines or phrases of each response, never the task's format; paper = the "
+        "paper's three token tests, OR-ed, with the official caps (the field defaults below).",
     )
 
     # --- selection --------------------------------------------------------------------------------
