@@ -18,7 +18,7 @@ span that is not a template and lies above the robust fence `median + span_fence
 spans of the dataset is off-task, and its tokens are masked (reason bits TR + SPAN): all of them, or only the
 phrase that holds the excess surprise when that is a small part of the span; the most surprising spans
 first, up to `floor(drop_ratio * n)` tokens per example.
-Every mode never masks a protected token and never leave an example without a trainable token.
+Every mode never masks a protected token and never leaves an example without a trainable token.
 """
 
 from __future__ import annotations
