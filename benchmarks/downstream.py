@@ -697,9 +697,12 @@ def markdown_tables(result: dict[str, Any]) -> str:
         lines.append(f"| {arm} | {cells} | {summary['mean']:.3f} ± {summary['sem']:.3f} | {dropped} |")
     lines += ["", "| A vs B | A - B | 95% CI | p (bootstrap) | p (McNemar) | A only / B only right |",
               "|---|---|---|---|---|---|"]
+    def p(value: float) -> str:
+        return "<0.001" if value < 0.001 else f"{value:.3f}"
+
     for c in result.get("comparisons", []):
         lines.append(f"| {c['a']} vs {c['b']} | {c['diff']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
-                     f"{c['p_bootstrap']:.3f} | {c['p_mcnemar']:.3f} | {c['a_only']} / {c['b_only']} |")
+                     f"{p(c['p_bootstrap'])} | {p(c['p_mcnemar'])} | {c['a_only']} / {c['b_only']} |")
     return "\n".join(lines)
 
 

@@ -208,7 +208,7 @@ def test_xtf_block_validates_through_load_cfg(tmp_path, tiny_dir):
     from xtf_plugin.integrations.axolotl.dataset import xtf_config_from_cfg
 
     config = xtf_config_from_cfg(cfg)
-    assert config.drop_ratio == 0.3 and config.protect == ["^#### .*"] and config.mode == "union"
+    assert config.drop_ratio == 0.3 and config.protect == ["^#### .*"] and (config.preset, config.mode) == ("spans", "spans")
     assert config.cache_dir == str(tmp_path / "xtf-cache")
 
 

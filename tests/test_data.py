@@ -73,6 +73,19 @@ def plain_tokenizer(tmp_path_factory):
 # --- read_records ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, suffix):
+    """Excel, PowerShell and many Windows exporters start UTF-8 files with a byte-order mark."""
+    text = {
+        ".jsonl": '{"instruction": "Say hi.", "output": "hi"}\n{"instruction": "Say bye.", "output": "bye"}\n',
+        ".json": '[{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say bye.", "output": "bye"}]',
+        ".csv": "instruction,output\nSay hi.,hi\nSay bye.,bye\n",
+    }[suffix]
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert read_records(str(path)) == [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say bye.", "output": "bye"}]
+
+
 def test_read_jsonl_skips_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"a": 1}\n\n   \n{"a": 2, "b": "x"}\n\n')

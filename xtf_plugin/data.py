@@ -92,7 +92,7 @@ def read_records(source: str) -> list[dict[str, Any]]:
 
         raw = path.read_bytes()
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as error:
             line = raw[: error.start].count(b"\n") + 1
             raise XTFError(f"{path}:{line}: not valid UTF-8 (byte {error.start})") from None
@@ -111,7 +111,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig: a byte-order mark at the start of the file (Excel, PowerShell) is not part of the JSON
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 raise XTFError(f"{path}:{number}: not valid UTF-8 (byte {error.start})") from None
             if not line.strip():
@@ -130,7 +131,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         raise XTFError(f"{path}: not valid UTF-8 (byte {error.start})") from None
     except json.JSONDecodeError as error:
