@@ -169,7 +169,9 @@ def test_entirely_protected_response_is_kept_unmasked(tiny_model_dir, tiny_token
     rows = gsm8k_rows(3)
     rows[1]["answer"] = "#### 42"  # the whole response is the protected answer line
     data, out = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "out"
-    summary = score_ok(tiny_model_dir, data, out, "--set", "protect=['^#### .*']", "--set", "drop_ratio=0.5")
+    # the paper preset's token tests, so that the other examples of the tiny random model lose tokens
+    summary = score_ok(tiny_model_dir, data, out, "--set", "preset=paper", "--set", "protect=['^#### .*']",
+                       "--set", "drop_ratio=0.5")
     assert summary["examples"] == 3
     table = pq.read_table(out / "train.parquet").to_pylist()
     original = tokenize_records(rows, tiny_tokenizer).labels[1]

@@ -55,8 +55,9 @@ def test_sft_trainer_keeps_the_masked_labels(tiny_model_dir, gsm8k_jsonl, tmp_pa
     from trl import SFTConfig, SFTTrainer
 
     scored = tmp_path / "scored"
+    # the paper preset's token tests: the tiny random model's scores then mask tokens in every example
     assert main(["score", "--model", str(tiny_model_dir), "--data", str(gsm8k_jsonl), "--out", str(scored), "--quiet",
-                 "--set", "drop_ratio=0.4"]) == 0
+                 "--set", "preset=paper", "--set", "drop_ratio=0.4"]) == 0
     rows = pq.read_table(scored / "train.parquet").to_pylist()
     assert sum(d > 0 for row in rows for d in row["xtf_drop"]) > 0
     dataset = datasets.load_dataset(str(scored), split="train")
