@@ -735,9 +735,18 @@ def run_settings(setup: Setup, spec: RunSpec, eval_size: int) -> dict[str, Any]:
         "max_new_tokens": setup.max_new_tokens,
     }
     if spec.variant is not None:
-        stored = labels_path(setup, spec.data, spec.variant).read_bytes()
-        settings["xtf_labels"] = hashlib.sha256(stored).hexdigest()[:16]
+        settings["xtf_labels"] = labels_hash(labels_path(setup, spec.data, spec.variant))
     return settings
+
+
+def labels_hash(path: Path) -> str:
+    """Hash of the arrays in a labels file (not of the file: an .npz records when it was written)."""
+    digest = hashlib.sha256()
+    with np.load(path) as stored:
+        for name in sorted(stored.files):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(stored[name]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
