@@ -435,7 +435,7 @@ def main() -> None:
     tokenizer = load_tokenizer("demo")
     answers = inject_dataset(records, args.noisy_fraction, args.seed, tokenizer)
     noisy_records = [{"question": r["question"], "answer": a.text} for r, a in zip(records, answers, strict=True)]
-    config = XTFConfig()
+    config = XTFConfig(preset="paper")
     data = tokenize_records(noisy_records, tokenizer, "auto", config.max_length, source=args.data)
     model = load_model("demo")
     scored = score_dataset(model, tokenizer, data, config, progress=sys.stderr.isatty(), use_cache=False)

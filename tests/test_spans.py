@@ -150,6 +150,22 @@ def test_spans_mode_never_masks_a_template_or_a_protected_span(tiny_tokenizer):
     assert (selection.drop == 0).all()
 
 
+def test_an_off_task_span_whose_words_are_all_protected_masks_nothing(tiny_tokenizer):
+    lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "Blue moon singing quietly tonight.\n",
+             "She has 8 apples now.\n", "So she has more than before.\n", "That is the result here."]
+    ids, response, offsets, spans = spans_of(tiny_tokenizer, [("Q\n", "".join(lines))])
+    p = np.full(len(ids), 0.5)
+    for index, value in enumerate([0.5, 0.6, 0.001, 0.4, 0.55, 0.45]):
+        p[spans.ids == index] = value
+    scores = TokenScores(offsets, np.full(len(ids), np.nan), np.where(response, 1 - p, np.nan), np.full(len(ids), np.nan))
+    texts = TokenTexts(tiny_tokenizer).of(ids.tolist())
+    # protect: the span's words, not its line break (as '^Blue.*' would)
+    protected = (ids == tiny_tokenizer.eos_token_id) | ((spans.ids == 2) & np.array(["\n" not in t for t in texts]))
+    selection = select_tokens(scores, response, protected, XTFConfig(), spans)
+    assert selection.span_off_task[2]
+    assert (selection.drop == 0).all()  # not even the line break of a protected sentence
+
+
 def test_spans_mode_respects_the_per_example_ceiling(tiny_tokenizer):
     lines = ["She has 5 apples.\n", "Blue moon singing quietly tonight.\n", "Green river dancing loudly here.\n",
              "She has 8 apples now.\n", "So she has more than before.\n", "That is the result here."]
@@ -193,6 +209,15 @@ def test_preset_gives_its_settings_and_keys_set_by_the_user_win():
     assert set(PRESETS) == {"paper", "spans"}
 
 
+def test_a_config_that_names_another_mode_starts_from_the_paper_preset():
+    # weighted mode without a preset keeps the field defaults (drop_ratio 0.2), not the spans preset's 0.5
+    weighted = load_xtf_config({"mode": "weighted"})
+    assert (weighted.preset, weighted.mode, weighted.drop_ratio) == ("paper", "weighted", 0.2)
+    assert load_xtf_config({"mode": "union"}) == XTFConfig(preset="paper")
+    assert load_xtf_config({"mode": "spans"}) == XTFConfig()
+    assert load_xtf_config({"preset": "spans", "mode": "union"}).drop_ratio == 0.5  # named: its values apply
+
+
 def test_resolved_settings_load_back_to_the_same_config():
     config = load_xtf_config({"preset": "spans", "span_fence_k": 2.5})
     assert XTFConfig.model_validate(config.model_dump(mode="json")) == config
@@ -214,11 +239,10 @@ def test_score_dataset_in_spans_mode(tiny_model, tiny_tokenizer, cache_dir):
     assert scored.selection.thresholds["mode"] == "spans"
     assert scored.selection.thresholds["spans"] == scored.spans.n_spans > 6
     dropped = scored.selection.drop > 0
-    # whole spans or nothing: every dropped token's span has all its maskable tokens dropped
-    for index in np.unique(scored.spans.ids[dropped]):
-        members = (scored.spans.ids == index) & scored.response & ~scored.protected
-        assert dropped[members].all()
-    assert not (dropped & ~scored.response).any()
+    # only tokens of off-task spans, only trainable ones, each with the span reason bits
+    assert scored.selection.span_off_task[scored.spans.ids[dropped]].all()
+    assert not (dropped & (~scored.response | scored.protected)).any()
+    assert (scored.selection.drop[dropped] == 4 | SPAN_BIT).all()
 
 
 def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model_dir, tmp_path):

@@ -86,9 +86,10 @@ class XTFConfig(_Strict):
 
     preset: Literal["paper", "spans"] = Field(
         DEFAULT_PRESET,
-        description="Named starting point for every other key (keys you set override it): spans (default) = mask "
-        "the off-task sentences, lines or phrases of each response, never the task's format; paper = the "
-        "paper's three token tests, OR-ed, with the official caps (the field defaults below).",
+        description="Named starting point for every other key, applied when the config is built (keys you set "
+        "override it): spans (default) = mask the off-task sentences, lines or phrases of each response, never "
+        "the task's format; paper = the paper's three token tests, OR-ed, with the official caps (the field "
+        "defaults below; also the preset of a config that names mode union or weighted and no preset).",
     )
 
     # --- selection --------------------------------------------------------------------------------
@@ -103,8 +104,8 @@ class XTFConfig(_Strict):
         0.2,
         ge=0,
         lt=1,
-        description="union: ceiling on the fraction of an example's response tokens that may be masked; "
-        "weighted: the fraction masked.",
+        description="union, spans: ceiling on the fraction of an example's response tokens that may be masked "
+        "(0.2; the spans preset: 0.5); weighted: the fraction masked.",
     )
     scope: Literal["example", "dataset"] = Field(
         "example", description="weighted mode: rank and drop per example or across the whole dataset."
@@ -195,7 +196,13 @@ class XTFConfig(_Strict):
     def _apply_preset(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        preset = data.get("preset", DEFAULT_PRESET)
+        preset = data.get("preset")
+        if preset is None:
+            # a user who names another mode gets that mode's preset (weighted mode keeps drop_ratio 0.2, not
+            # the spans preset's 0.5)
+            default_mode = PRESETS[DEFAULT_PRESET]["mode"]
+            preset = DEFAULT_PRESET if data.get("mode", default_mode) == default_mode else "paper"
+            data = {**data, "preset": preset}
         # an unknown name is left for the field's own check, which names the allowed values
         return _merged(PRESETS[preset], data) if isinstance(preset, str) and preset in PRESETS else data
 

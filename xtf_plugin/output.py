@@ -2,7 +2,7 @@
 
 `train.parquet` has one row per input example, in input order: `input_ids`, `attention_mask`, `labels` (XTF's
 masked tokens set to -100), `xtf_ri`, `xtf_kn`, `xtf_tr` (float lists aligned with `input_ids`, NaN where a
-token has no score) and `xtf_drop` (reason bits: 1 = RI, 2 = KN, 4 = TR). `trl sft` and axolotl read it as a
+token has no score) and `xtf_drop` (reason bits: 1 = RI, 2 = KN, 4 = TR; 8 = masked with an off-task span, with TR). `trl sft` and axolotl read it as a
 pre-tokenised dataset as it is.
 
 The folder is written next to its destination under a temporary name and renamed into place, so an

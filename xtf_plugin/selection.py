@@ -365,7 +365,8 @@ def _select_spans(
     scores: TokenScores, response: np.ndarray, protected: np.ndarray, spans: Spans, config: XTFConfig
 ) -> Selection:
     n = scores.n_tokens
-    span_surprise = spans.mean(surprise(scores.kn))
+    token_surprise = surprise(scores.kn)
+    span_surprise = spans.mean(token_surprise)
     fence, median, scale = robust_fence(span_surprise, config.span_fence_k)
     off_task = (span_surprise > fence) & ~spans.template
     candidate = response & ~protected
@@ -378,7 +379,6 @@ def _select_spans(
     drop = np.zeros(n, np.uint8)
     budget = [math.floor(config.drop_ratio * int(response[part].sum())) for part in scores.example_slices()]
     chosen = np.flatnonzero(off_task)
-    token_surprise = surprise(scores.kn)
     for index in chosen[np.argsort(-span_surprise[chosen], kind="stable")]:
         members = _off_task_part(tokens[bounds[index] : bounds[index + 1]], token_surprise, spans.content, fence)
         flagged[members] = bits
@@ -410,6 +410,8 @@ def _off_task_part(members: np.ndarray, token_surprise: np.ndarray, content: np.
     inserted sentence or line, its punctuation and line break included).
     """
     words = content[members] & np.isfinite(token_surprise[members])
+    if not words.any():
+        return members[:0]  # every word of the span is protected: nothing of it is masked
     excess = np.where(words, token_surprise[members] - fence, 0.0)
     best, best_start, best_stop, total, start = -np.inf, 0, 0, 0.0, 0
     for k, value in enumerate(excess):
@@ -418,6 +420,8 @@ def _off_task_part(members: np.ndarray, token_surprise: np.ndarray, content: np.
         total += value
         if total > best:
             best, best_start, best_stop = total, start, k + 1
+    if best <= 0:
+        return members[:0]  # no maskable word is above the fence: the surprise was in protected words
     if words[best_start:best_stop].sum() >= PHRASE_SHARE * words.sum():
         return members
     return members[best_start:best_stop]

@@ -261,7 +261,7 @@ def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFA
         )
         spans_html = (
             "<section><h2>Masked spans</h2><p class='note'>the most surprising off-task spans (mean -log p of their "
-            "word tokens, nats); each was masked whole</p><table><tr><th>example</th><th>surprise</th><th>span</th></tr>"
+            "word tokens, nats); each was masked whole, or only its surprising phrase</p><table><tr><th>example</th><th>surprise</th><th>span</th></tr>"
             + (items or "<tr><td colspan='3'>none</td></tr>") + "</table></section>"
         )
     hists = score_histograms({"reasoning": scored.ri, "novelty": scored.kn, "relevance": scored.tr}, response, drop, summary)
