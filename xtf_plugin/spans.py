@@ -76,6 +76,9 @@ def find_spans(
 ) -> Spans:
     """Cut every response into spans.
 
+    Token features are computed once per distinct token id and the cuts with array operations; only the
+    joining of short pieces walks the spans (not the tokens) in Python.
+
     Args:
         input_ids: int64 `[n_tokens]`, flat over examples.
         offsets: int64 `[n_examples + 1]`.
@@ -84,69 +87,79 @@ def find_spans(
         special_ids: token ids (EOS, end of turn) that belong to no span.
     """
     n = len(input_ids)
-    pieces = texts.of(input_ids.tolist()) if n else []
+    n_examples = len(offsets) - 1
+    if n == 0:
+        return Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool), [])
+    distinct, inverse = np.unique(np.asarray(input_ids, np.int64), return_inverse=True)
+    pieces = texts.of(distinct.tolist())
+
+    def feature(test) -> np.ndarray:  # type: ignore[no-untyped-def]
+        return np.fromiter((bool(test(p)) for p in pieces), bool, len(pieces))[inverse]
+
+    content = feature(_WORD.search)
+    newline = feature(lambda p: "\n" in p)
+    sentence_end = feature(_SENTENCE_END.search)
+    space_first = feature(lambda p: p[:1].isspace())
     special = np.isin(input_ids, np.fromiter(special_ids, np.int64, len(special_ids)))
-    content = np.fromiter((bool(_WORD.search(p)) for p in pieces), bool, n)
-    inside = response & ~special
-    ids = np.full(n, -1, np.int64)
-    examples: list[int] = []
-    span_texts: list[str] = []
-    for e in range(len(offsets) - 1):
-        spans, line_ends = _cut(pieces, inside, int(offsets[e]), int(offsets[e + 1]))
-        for span in _join_short(spans, line_ends, content):
-            ids[span] = len(examples)
-            examples.append(e)
-            span_texts.append("".join(pieces[j] for j in span))
-    example = np.asarray(examples, np.int64)
-    return Spans(ids, example, _templates(span_texts, example, len(offsets) - 1), content, span_texts)
+    inside = np.asarray(response, bool) & ~special
+    example_start = np.zeros(n + 1, bool)
+    example_start[np.asarray(offsets[:-1], np.int64)] = True
+    # a piece ends after a line break, after sentence punctuation followed by a space, or where the response stops
+    cut_after = newline[:-1] | (sentence_end[:-1] & space_first[1:])
+    starts = inside & (~np.r_[False, inside[:-1]] | example_start[:n] | np.r_[False, cut_after])
+    raw = np.where(inside, np.cumsum(starts) - 1, -1)
+    first = np.flatnonzero(starts)
+    # the last token of each piece: the last inside token before the next piece starts
+    last = np.maximum.reduceat(np.where(inside, np.arange(n), -1), first) if first.size else first
+    n_raw = first.size
+    raw_content = np.bincount(raw[inside], weights=content[inside], minlength=n_raw).astype(np.int64)
+    following = np.minimum(last + 1, n)
+    line_end = newline[last] | (following == n) | ~np.r_[inside, False][following] | example_start[following]
+    raw_example = np.searchsorted(offsets, first, side="right") - 1
+    joined = _join_short(raw_example, raw_content, line_end)
+    ids = np.where(raw >= 0, joined[np.maximum(raw, 0)], -1)
+    n_spans = int(joined.max()) + 1 if n_raw else 0
+    example = np.zeros(n_spans, np.int64)
+    example[joined] = raw_example
+    token_texts = [pieces[i] for i in inverse]
+    order = np.argsort(ids, kind="stable")
+    order = order[ids[order] >= 0]
+    bounds = np.searchsorted(ids[order], np.arange(n_spans + 1))
+    span_texts = ["".join(token_texts[j] for j in order[bounds[k] : bounds[k + 1]]) for k in range(n_spans)]
+    return Spans(ids.astype(np.int64), example, _templates(span_texts, example, n_examples), content, span_texts)
 
 
-def _cut(pieces: list[str], inside: np.ndarray, start: int, stop: int) -> tuple[list[list[int]], list[bool]]:
-    """The spans of one example's tokens `start:stop` (token indices), and for each whether a line ends with
-    it."""
-    spans: list[list[int]] = []
-    line_ends: list[bool] = []
-    current: list[int] = []
-    for j in range(start, stop + 1):
-        if j < stop and inside[j] and not (current and _ends_span(pieces[current[-1]], pieces[j])):
-            current.append(j)
-            continue
-        if current:
-            spans.append(current)
-            line_ends.append(j == stop or not inside[j] or "\n" in pieces[current[-1]])
-            current = []
-        if j < stop and inside[j]:
-            current.append(j)
-    return spans, line_ends
-
-
-def _ends_span(previous: str, next_piece: str) -> bool:
-    """Whether a span ends between two consecutive response tokens."""
-    if "\n" in previous:
-        return True
-    return bool(_SENTENCE_END.search(previous)) and next_piece[:1].isspace()
-
-
-def _join_short(spans: list[list[int]], line_ends: list[bool], content: np.ndarray) -> list[list[int]]:
-    """Join each span with too few word tokens to the next span of its line (or, at a line's end, to the
-    previous one of the same line when there is one)."""
-    joined: list[list[int]] = []
+def _join_short(example: np.ndarray, content: np.ndarray, line_end: np.ndarray) -> np.ndarray:
+    """int64 `[n_pieces]`: the span of each piece. A piece with too few word tokens joins the next piece of its
+    line (or, at a line's end, the span before it on the same line when there is one)."""
+    out = np.empty(len(example), np.int64)
+    next_id = 0
     carry: list[int] = []
-    last_line_open = False  # whether joined[-1] is on the current line
-    for span, line_end in zip(spans, line_ends, strict=True):
-        span = carry + span
-        carry = []
-        if int(content[span].sum()) < MIN_CONTENT_TOKENS and not line_end:
-            carry = span
+    carried = 0
+    open_line = False  # the last span of this example is on the current line
+    previous, first_of_example = -1, 0
+    for k in range(len(example)):
+        e = int(example[k])
+        if e != previous:
+            if carry:
+                out[carry] = next_id
+                next_id += 1
+            carry, carried, open_line, previous = [], 0, False, e
+            first_of_example = next_id
+        members, words = [*carry, k], carried + int(content[k])
+        carry, carried = [], 0
+        if words < MIN_CONTENT_TOKENS and not line_end[k]:
+            carry, carried = members, words
             continue
-        if int(content[span].sum()) < MIN_CONTENT_TOKENS and last_line_open and joined:
-            joined[-1].extend(span)
+        if words < MIN_CONTENT_TOKENS and open_line and next_id > first_of_example:
+            out[members] = next_id - 1
         else:
-            joined.append(span)
-        last_line_open = not line_end
+            out[members] = next_id
+            next_id += 1
+        open_line = not line_end[k]
     if carry:
-        joined.append(carry)
-    return joined
+        out[carry] = next_id
+    return out
 
 
 def _templates(span_texts: list[str], example: np.ndarray, n_examples: int) -> np.ndarray:
