@@ -92,8 +92,12 @@ def make_parser():  # type: ignore[no-untyped-def]
     return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig), prog="xtf sft")
 
 
-def train(script_args, training_args, model_args, dataset_args, xtf_config: XTFConfig) -> None:  # type: ignore[no-untyped-def]
-    """What `trl sft` does, with `XTFSFTTrainer`."""
+def train(script_args, training_args, model_args, dataset_args, xtf_config: XTFConfig):  # type: ignore[no-untyped-def]
+    """What `trl sft` does, with `XTFSFTTrainer`; returns the trainer.
+
+    The process group is left alive: destroying it while the DDP reducer still holds it lets the reducer's
+    deallocation run gloo's teardown, which can deadlock (seen in CI and locally under load); the entry point
+    ends the process with `distributed.leave_group` while the trainer is still referenced."""
     from datasets import load_dataset
     from trl import get_dataset, get_peft_config, get_quantization_config
 
@@ -124,7 +128,9 @@ def train(script_args, training_args, model_args, dataset_args, xtf_config: XTFC
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    for tracker in trainer.accelerator.trackers:  # what end_training does, but the group's destruction
+        tracker.finish()
+    return trainer
 
 
 def launch(argv: list[str]) -> int:
@@ -160,20 +166,20 @@ def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point inside each process started by accelerate."""
+def main(argv: list[str] | None = None):  # type: ignore[no-untyped-def]
+    """Entry point inside each process started by accelerate; returns the trainer."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     trl_args, xtf_config = split_xtf_arguments(argv)
     script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(
         trl_args, fail_with_unknown_args=False
     )
-    train(script_args, training_args, model_args, dataset_args, xtf_config)
+    return train(script_args, training_args, model_args, dataset_args, xtf_config)
 
 
 if __name__ == "__main__":
     from xtf_plugin.distributed import leave_group
 
-    main()
+    trainer = main()  # referenced until the process ends: its reducer must not tear the group down
     _remove_temp_folders()
     leave_group(0)  # in a multi-process run: ends the process here, past gloo's teardown
