@@ -20,7 +20,7 @@ resumes.
 
     python benchmarks/downstream.py                          # the whole matrix (make bench-downstream)
     python benchmarks/downstream.py --runs noisy/xtf:paper --seeds 0 1 2
-    python benchmarks/downstream.py --variant tr='{"weights": {"reasoning": 0}}' --runs noisy/xtf:tr
+    python benchmarks/downstream.py --variant tr='{"mode": "union", "weights": {"reasoning": 0}}' --runs noisy/xtf:tr
     python benchmarks/downstream.py --quick                  # smoke test, tiny settings, nothing kept
 """
 

@@ -133,31 +133,33 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
     table = Table(title=title, show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
+    spans = summary.get("dropped_spans")
+    if spans is None:
+        reasons: list[tuple[str, str]] = [
+            *(
+                (f"  lacking {name}", f"{summary['dropped_by_attribute'][name]:,} ({summary['dropped_fraction_by_attribute'][name]:.1%})")
+                for name in ATTRIBUTES
+            ),
+            *((f"  overlap {k}", f"{v:,}") for k, v in summary["pairwise_overlaps"].items()),
+        ]
+    else:
+        fence = (summary.get("thresholds") or {}).get("span_surprise_fence")
+        reasons = [
+            ("  off-task spans masked", f"{spans['dropped_spans']:,} of {spans['spans']:,} spans"),
+            ("  in examples", f"{spans['examples_with_a_dropped_span']:,}"),
+            ("  template spans (never masked)", f"{spans['template_spans']:,}"),
+            ("  surprise fence", "none (no spread)" if fence is None else f"{fence:.2f} nats per token"),
+        ]
     rows: Sequence[tuple[str, str]] = [
         ("examples", f"{summary['examples']:,}"),
         ("truncated to max_length", f"{summary['examples_truncated']:,}"),
         ("response tokens", f"{summary['response_tokens']:,}"),
         ("dropped tokens", f"{summary['dropped_tokens']:,} ({summary['dropped_fraction']:.1%})"),
-        *(
-            (f"  lacking {name}", f"{summary['dropped_by_attribute'][name]:,} ({summary['dropped_fraction_by_attribute'][name]:.1%})")
-            for name in ATTRIBUTES
-        ),
-        *((f"  overlap {k}", f"{v:,}") for k, v in summary["pairwise_overlaps"].items()),
+        *reasons,
         ("protected tokens", f"{summary['protected_tokens']:,}"),
         ("scoring time", f"{summary['scoring_seconds']:.1f} s ({summary['tokens_per_second']:,.0f} tok/s)"),
         ("cached shards reused", str(summary["cached_shards"])),
     ]
-    spans = summary.get("dropped_spans")
-    if spans is not None:
-        fence = (summary.get("thresholds") or {}).get("span_surprise_fence")
-        rows = [
-            *rows[:4],
-            ("  off-task spans masked", f"{spans['dropped_spans']:,} of {spans['spans']:,} spans"),
-            ("  in examples", f"{spans['examples_with_a_dropped_span']:,}"),
-            ("  template spans (never masked)", f"{spans['template_spans']:,}"),
-            ("  surprise fence", "none (no spread)" if fence is None else f"{fence:.2f} nats per token"),
-            *rows[4 + len(ATTRIBUTES) + 3 :],
-        ]
     for row in rows:
         table.add_row(*row)
     console.print(table)
