@@ -11,7 +11,8 @@ problems. Every run is one (data, method, seed):
   `axolotl.monkeypatch.loss.eaft.eaft_loss`, alpha 1, top-20, passed to TRL's SFTTrainer as axolotl's trainer
   builder passes it), `xtf:NAME` (the tokens that XTF with preset or variant NAME drops set to -100) and
   `random:NAME` (as many random response tokens per example as `xtf:NAME` drops, never a protected one: the
-  control that tells filtering from training on fewer tokens).
+  control that tells filtering from training on fewer tokens) and `cut:NAME` (the tokens `xtf:NAME` drops taken
+  out of the input too, as if the responses had been cleaned).
 
 Every run stores each held-out problem's correctness, so arms are compared with paired tests over problems and
 seeds (`paired.py`: a paired bootstrap over problems and an exact McNemar test). Finished runs are kept in the
@@ -49,6 +50,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).parent))
 from paired import compare  # noqa: E402
+from tasks import DEFAULT_TASK, TASKS, Task, TaskExample  # noqa: E402
 
 from xtf_plugin.config import XTFConfig, load_xtf_config  # noqa: E402
 from xtf_plugin.data import TokenizedData  # noqa: E402
@@ -56,86 +58,6 @@ from xtf_plugin.demo import resolve_model_path  # noqa: E402
 from xtf_plugin.pipeline import ScoredDataset, score_dataset  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "downstream.json"
-
-NAMES = [
-    "Tom", "Ana", "Ravi", "Mia", "Leo", "Sara", "Ken", "Nora", "Omar", "Lily", "Ben", "Zoe", "Ivan", "Emma",
-    "Yuki", "Carl", "Dina", "Paul", "Rosa", "Sam",
-]
-OBJECTS = [
-    "apples", "stickers", "marbles", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies",
-    "balloons", "candies", "toys", "eggs", "flowers",
-]
-GAIN = ["buys {n} more", "finds {n} more", "gets {n} more", "receives {n} more", "wins {n} more"]
-LOSS = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}", "eats {n}"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A two-step problem: start with `start`, then apply `deltas` (signed) in order."""
-
-    name: str
-    obj: str
-    start: int
-    deltas: tuple[int, int]
-    verbs: tuple[int, int]
-
-    @property
-    def answer(self) -> int:
-        return self.start + sum(self.deltas)
-
-    @property
-    def key(self) -> tuple[int, int, int]:
-        """What makes two problems the same arithmetic (names and objects aside)."""
-        return (self.start, *self.deltas)
-
-    def prompt(self) -> str:
-        actions = []
-        for delta, verb in zip(self.deltas, self.verbs, strict=True):
-            templates = GAIN if delta > 0 else LOSS
-            actions.append(templates[verb].format(n=abs(delta)))
-        return (
-            f"Question: {self.name} has {self.start} {self.obj}. {self.name} {actions[0]}, then {actions[1]}. "
-            f"How many {self.obj} does {self.name} have now?\nAnswer:\n"
-        )
-
-    def steps(self) -> list[str]:
-        lines, total = [], self.start
-        for delta in self.deltas:
-            new = total + delta
-            lines.append(f"{total} {'+' if delta > 0 else '-'} {abs(delta)} = {new}.")
-            total = new
-        return lines
-
-    def completion(self) -> str:
-        return "\n".join([*self.steps(), f"The answer is {self.answer}."])
-
-
-def random_problem(rng: random.Random) -> Problem:
-    """One problem whose intermediate and final counts stay between 1 and 150."""
-    while True:
-        start = rng.randint(10, 80)
-        deltas = tuple(rng.choice((1, -1)) * rng.randint(2, 40) for _ in range(2))
-        partial = start + deltas[0]
-        if 1 <= partial <= 150 and 1 <= partial + deltas[1] <= 150:
-            return Problem(
-                rng.choice(NAMES), rng.choice(OBJECTS), start, deltas,  # type: ignore[arg-type]
-                (rng.randrange(len(GAIN)), rng.randrange(len(LOSS))),
-            )
-
-
-def make_splits(n_train: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Train and held-out problems; no arithmetic (start, deltas) is shared between or within them. The held-out
-    problems are drawn first, so they do not depend on `n_train`."""
-    rng = random.Random(seed)
-    seen: set[tuple[int, int, int]] = set()
-    problems: list[Problem] = []
-    while len(problems) < n_eval + n_train:
-        problem = random_problem(rng)
-        if problem.key not in seen:
-            seen.add(problem.key)
-            problems.append(problem)
-    return problems[n_eval:], problems[:n_eval]
-
 
 # ---------------------------------------------------------------------------------------------------------
 # noise
@@ -152,21 +74,21 @@ class Recipe:
         slots: where insertions go: 0 = before the first step, 1 = between the steps, 2 = before the answer
             line; one insertion per listed slot.
         length: words per `salad` insertion (min, max).
-        number: `salad` only: put a random number in the middle of each insertion (a distractor for the
-            step that has to copy the previous result).
+        distractor: `salad` only: put a value of the task's kind in the middle of each insertion (a number
+            for arithmetic, where a step copies the previous result; a field value for records).
     """
 
     kind: str
     share: float
     slots: tuple[int, ...]
     length: tuple[int, int] = (4, 7)
-    number: bool = False
+    distractor: bool = False
 
 
 RECIPES: dict[str, Recipe] = {
-    "salad-between": Recipe("salad", 0.9, (1,), (4, 7), number=True),
+    "salad-between": Recipe("salad", 0.9, (1,), (4, 7), distractor=True),
     "chatter-two": Recipe("chatter", 0.9, (1, 2)),
-    "salad-two": Recipe("salad", 1.0, (1, 2), (4, 6), number=True),
+    "salad-two": Recipe("salad", 1.0, (1, 2), (4, 6), distractor=True),
 }
 DEFAULT_RECIPE = "salad-two"
 
@@ -186,15 +108,16 @@ def salad_words(tokenizer: Any) -> list[str]:
     return sorted(words)
 
 
-def noise_text(recipe: Recipe, rng: random.Random, words: Sequence[str]) -> str:
+def noise_text(recipe: Recipe, rng: random.Random, words: Sequence[str], task: Task) -> str:
     """One insertion, a full line."""
     if recipe.kind == "chatter":
         return (f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.randint(2, 99)} {rng.choice(_THINGS)} "
                 f"{rng.choice(_PLACES)}.")
     picked = [rng.choice(words) for _ in range(rng.randint(*recipe.length))]
-    if recipe.number:
-        picked.insert(len(picked) // 2, str(rng.randint(2, 99)))
-    return " ".join(picked).capitalize() + "."
+    if recipe.distractor:
+        picked.insert(len(picked) // 2, task.distractor(rng))
+    text = " ".join(picked)
+    return text[0].upper() + text[1:] + "."
 
 
 @dataclass
@@ -207,14 +130,15 @@ class Example:
     noise: list[tuple[int, int]]
 
 
-def inject(problems: Sequence[Problem], recipe: Recipe | None, seed: int, words: Sequence[str]) -> list[Example]:
-    """Examples for the problems; with a recipe, noise lines go into a `share` of them."""
+def inject(problems: Sequence[TaskExample], recipe: Recipe | None, seed: int, words: Sequence[str], task: Task
+           ) -> list[Example]:
+    """Training examples for the task's examples; with a recipe, noise lines go into a `share` of them."""
     rng = random.Random(seed)
     examples = []
     for problem in problems:
-        lines = [*problem.steps(), f"The answer is {problem.answer}."]
+        lines = problem.lines()
         noisy = recipe is not None and rng.random() < recipe.share
-        inserts = {slot: noise_text(recipe, rng, words) for slot in recipe.slots} if noisy and recipe else {}
+        inserts = {slot: noise_text(recipe, rng, words, task) for slot in recipe.slots} if noisy and recipe else {}
         text, spans = "", []
         for index, line in enumerate(lines):
             if index in inserts:
@@ -276,12 +200,12 @@ def xtf_report(scored: ScoredDataset, noise: Sequence[np.ndarray], tokenizer: An
     tokens."""
     flat_noise = np.concatenate(noise)
     response = scored.response
-    drop = scored.selection.drop != 0
+    drop = scored.selection.reasons != 0
     dropped, injected = int(drop.sum()), int((flat_noise & response).sum())
     hit = int((drop & flat_noise).sum())
     by_attribute = {}
     for name, bit in (("reasoning", 1), ("novelty", 2), ("relevance", 4)):
-        mask = (scored.selection.drop & bit) != 0
+        mask = (scored.selection.reasons & bit) != 0
         by_attribute[name] = {
             "dropped": int(mask.sum()),
             "precision": round(float((mask & flat_noise).sum() / max(1, mask.sum())), 3),
@@ -390,23 +314,19 @@ def train(
     return trainer.model.eval()
 
 
-ANSWER = re.compile(r"The answer is (-?\d+)")
-# the first answer is complete once a non-digit follows it: nothing generated after it can change the score
-ANSWER_GIVEN = re.compile(r"The answer is -?\d+\D")
-
-
 class AnswerGiven(StoppingCriteria):
     """Stopping criterion: a row is done once its first answer is complete. Greedy decoding of the other rows
     is unaffected, so accuracy is the same as generating to `max_new_tokens`, in a fraction of the time for
     arms that ramble after the answer."""
 
-    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+    def __init__(self, tokenizer: Any, prompt_length: int, task: Task) -> None:
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
+        self.task = task
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        return torch.tensor([bool(ANSWER_GIVEN.search(text)) for text in texts], device=input_ids.device)
+        return torch.tensor([self.task.answered(text) for text in texts], device=input_ids.device)
 
 
 # Generation on one CPU thread: 300 problems in batches of 128 took 169 s, of 64 193 s, of 16 258 s (same
@@ -415,24 +335,23 @@ EVAL_BATCH = 150
 
 
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, problems: Sequence[Problem], max_new_tokens: int, batch: int = EVAL_BATCH
+def evaluate(model: Any, tokenizer: Any, task: Task, problems: Sequence[TaskExample], batch: int = EVAL_BATCH
              ) -> tuple[str, list[str]]:
-    """Correctness of the greedy final answer (the first `The answer is N`) per problem, as a string of 0/1,
-    and the generations."""
+    """Correctness of the greedy final answer (the task's check of the first answer) per problem, as a string
+    of 0/1, and the generations."""
     tokenizer.padding_side = "left"
     correct, outputs = [], []
     for start in range(0, len(problems), batch):
         chunk = problems[start : start + batch]
         encoded = tokenizer([p.prompt() for p in chunk], return_tensors="pt", padding=True)
         generated = model.generate(
-            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            **encoded, max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([AnswerGiven(tokenizer, encoded["input_ids"].shape[1])]),
+            stopping_criteria=StoppingCriteriaList([AnswerGiven(tokenizer, encoded["input_ids"].shape[1], task)]),
         )
         texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
         for problem, text in zip(chunk, texts, strict=True):
-            match = ANSWER.search(text)
-            correct.append("1" if match and int(match.group(1)) == problem.answer else "0")
+            correct.append("1" if problem.correct(text) else "0")
             outputs.append(text)
     return "".join(correct), outputs
 
@@ -484,8 +403,9 @@ def parse_arm(text: str, variants: dict[str, XTFConfig]) -> str:
     kind, _, name = method.partition(":")
     if data not in DATA:
         raise SystemExit(f"downstream: --runs {text}: data must be one of {', '.join(DATA)}")
-    if method not in PLAIN_METHODS and not (kind in ("xtf", "random") and name):
-        raise SystemExit(f"downstream: --runs {text}: method must be sft, dft, eaft, xtf:NAME or random:NAME")
+    if method not in PLAIN_METHODS and not (kind in ("xtf", "random", "cut") and name):
+        raise SystemExit(f"downstream: --runs {text}: method must be sft, dft, eaft, xtf:NAME, random:NAME or "
+                         "cut:NAME")
     if name and name not in variants:
         raise SystemExit(f"downstream: --runs {text}: unknown preset or variant {name!r} (known: {', '.join(variants)})")
     return text
@@ -511,11 +431,11 @@ class Setup:
 
     model_path: str
     tokenizer: Any
-    train_problems: list[Problem]
-    eval_problems: list[Problem]
+    task: Task
+    train_problems: list[TaskExample]
+    eval_problems: list[TaskExample]
     words: list[str]
     settings: TrainSettings
-    max_new_tokens: int
     workdir: Path
     data_seed: int
     recipe: str
@@ -524,7 +444,8 @@ class Setup:
 def training_set(setup: Setup, data: str) -> tuple[TokenizedData, list[np.ndarray]]:
     """The clean or noisy training set, tokenised, with the per-example noise masks."""
     recipe = RECIPES[setup.recipe] if data == "noisy" else None
-    return tokenize(inject(setup.train_problems, recipe, setup.data_seed + 1, setup.words), setup.tokenizer)
+    return tokenize(inject(setup.train_problems, recipe, setup.data_seed + 1, setup.words, setup.task),
+                    setup.tokenizer)
 
 
 def labels_path(setup: Setup, data: str, variant: str) -> Path:
@@ -561,7 +482,7 @@ def detection(setup: Setup, variants: dict[str, XTFConfig], cache_dir: str | Non
     out: dict[str, Any] = {}
     for recipe in (None, *sorted(RECIPES)):
         tokens, noise = tokenize(inject(setup.train_problems, RECIPES[recipe] if recipe else None,
-                                        setup.data_seed + 1, setup.words), setup.tokenizer)
+                                        setup.data_seed + 1, setup.words, setup.task), setup.tokenizer)
         name = recipe or "clean"
         out[name] = {"held_out": name in HELD_OUT_RECIPES}
         for variant, config in variants.items():
@@ -580,6 +501,20 @@ def nothing_dropped(setup: Setup, spec: RunSpec) -> bool:
     return bool(np.array_equal(stored["labels"], np.concatenate(tokens.labels)))
 
 
+def cut_dropped(tokens: TokenizedData, labels: Sequence[np.ndarray]) -> tuple[TokenizedData, list[np.ndarray]]:
+    """The examples with every token XTF dropped taken out of the input as well (`cut:` runs): the model then
+    neither learns the noise nor sees it as context, as if the response had been cleaned. `labels[i]` are XTF's
+    labels of example i (`[L_i]`); prompt tokens (already -100 in `tokens.labels`) stay."""
+    out = TokenizedData([], [], format=tokens.format)
+    kept_labels = []
+    for ids, old, new in zip(tokens.input_ids, tokens.labels, labels, strict=True):
+        keep = (new != -100) | (old == -100)
+        out.input_ids.append(ids[keep])
+        out.labels.append(old[keep])
+        kept_labels.append(new[keep])
+    return out, kept_labels
+
+
 def run_labels(setup: Setup, spec: RunSpec, tokens: TokenizedData, noise: Sequence[np.ndarray]
                ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The labels a run trains on, and what was dropped."""
@@ -588,7 +523,7 @@ def run_labels(setup: Setup, spec: RunSpec, tokens: TokenizedData, noise: Sequen
     stored = np.load(labels_path(setup, spec.data, spec.variant))
     cut = stored["offsets"][1:-1]
     xtf_labels = np.split(stored["labels"], cut)
-    if spec.method.startswith("xtf:"):
+    if spec.method.startswith(("xtf:", "cut:")):
         return xtf_labels, {}
     protected = np.split(stored["protected"], cut)
     counts = [int((new == -100).sum() - (old == -100).sum()) for new, old in zip(xtf_labels, tokens.labels, strict=True)]
@@ -603,10 +538,12 @@ def execute(setup: Setup, spec: RunSpec) -> dict[str, Any]:
     started = time.perf_counter()
     tokens, noise = training_set(setup, spec.data)
     labels, extra = run_labels(setup, spec, tokens, noise)
+    if spec.method.startswith("cut:"):
+        tokens, labels = cut_dropped(tokens, labels)
     loss = PLAIN_METHODS.get(spec.method, "nll")
     model = train(setup.model_path, setup.tokenizer, tokens, labels, spec.seed, setup.settings, setup.workdir, loss)
     trained = time.perf_counter()
-    correct, outputs = evaluate(model, setup.tokenizer, setup.eval_problems, setup.max_new_tokens)
+    correct, outputs = evaluate(model, setup.tokenizer, setup.task, setup.eval_problems)
     done = time.perf_counter()
     accuracy = correct.count("1") / len(correct)
     print(f"[{spec.id}] accuracy {accuracy:.3f}  train {trained - started:.0f}s  eval {done - trained:.0f}s"
@@ -619,8 +556,8 @@ def execute(setup: Setup, spec: RunSpec) -> dict[str, Any]:
 
 
 def evaluate_base(setup: Setup) -> dict[str, Any]:
-    correct, outputs = evaluate(load_base(setup.model_path).eval(), setup.tokenizer, setup.eval_problems,
-                                setup.max_new_tokens)
+    correct, outputs = evaluate(load_base(setup.model_path).eval(), setup.tokenizer, setup.task,
+                                setup.eval_problems)
     return {"accuracy": round(correct.count("1") / len(correct), 4), "correct": correct, "samples": outputs[:3]}
 
 
@@ -663,6 +600,8 @@ def comparisons(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if method.startswith("xtf:"):
             others = ["sft", "random:" + method[4:], "dft", "eaft"]
             pairs += [(arm, f"{data}/{other}") for other in others]
+        elif method.startswith("cut:"):
+            pairs += [(arm, f"{data}/sft"), (arm, f"{data}/xtf:{method[4:]}")]
         elif method in ("dft", "eaft") or method.startswith("random:"):
             pairs.append((arm, f"{data}/sft"))
     pairs.append(("noisy/sft", "clean/sft"))
@@ -676,7 +615,7 @@ def gap_recovered(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
         return {}
     gap = summary["clean/sft"] - summary["noisy/sft"]
     return {arm: round((mean - summary["noisy/sft"]) / gap, 3) for arm, mean in summary.items()
-            if arm.startswith("noisy/xtf:")}
+            if arm.startswith(("noisy/xtf:", "noisy/cut:"))}
 
 
 def markdown_tables(result: dict[str, Any]) -> str:
@@ -732,8 +671,10 @@ def run_settings(setup: Setup, spec: RunSpec, eval_size: int) -> dict[str, Any]:
         "model": "demo" if setup.model_path == resolve_model_path("demo") else setup.model_path,
         "train_size": len(setup.train_problems), "eval_size": eval_size, "data_seed": setup.data_seed,
         "recipe": setup.recipe if spec.data == "noisy" else None, "train": asdict(setup.settings),
-        "max_new_tokens": setup.max_new_tokens,
+        "max_new_tokens": setup.task.max_new_tokens,
     }
+    if setup.task.name != DEFAULT_TASK:  # (added after the arithmetic runs, whose stored keys stay valid)
+        settings["task"] = setup.task.name
     if spec.variant is not None:
         settings["xtf_labels"] = labels_hash(labels_path(setup, spec.data, spec.variant))
     return settings
@@ -806,6 +747,7 @@ def run_workers(args: argparse.Namespace, setup: Setup, todo: list[RunSpec], var
 def forwarded(args: argparse.Namespace) -> list[str]:
     """The options a worker process needs to rebuild the same setup."""
     out = ["--train-size", str(args.train_size), "--eval-size", str(args.eval_size), "--recipe", args.recipe,
+           "--task", args.task,
            "--model", args.model, "--threads", "1"]
     for item in args.variant:
         out += ["--variant", item]
@@ -830,17 +772,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each process")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, each in a process of its own")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=None, help="results file (default: results/downstream.json for the "
+                        "arithmetic task, results/downstream_TASK.json for another)")
     parser.add_argument("--score-cache", default=None,
                         help="score cache folder (default: the package's, as xtf score uses it)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.train_size, args.eval_size = args.seeds[:1], 24, 16
-        if args.out == str(RESULTS):
+        if args.out is None:
             args.out = str(Path(tempfile.mkdtemp(prefix="xtf-downstream-quick-")) / "downstream.json")
+    args.out = args.out or results_path(TASKS[args.task])
     return args
+
+
+def results_path(task: Task, kind: str = "") -> str:
+    """results/downstream[_TASK][_KIND].json; the arithmetic task was the first and keeps the plain name."""
+    parts = ["downstream", *([task.name] if task.name != DEFAULT_TASK else []), *([kind] if kind else [])]
+    return str(RESULTS.with_name("_".join(parts) + ".json"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -855,12 +806,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data_seed = 1234
-    train_problems, eval_problems = make_splits(args.train_size, args.eval_size, seed=data_seed)
+    task = TASKS[args.task]
+    train_problems, eval_problems = task.splits(args.train_size, args.eval_size, seed=data_seed)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="xtf-downstream-"))
-    # Room for the clean solution plus every insertion the noisiest recipe makes, so an arm that imitates the
-    # noise is not cut off before its answer line merely for having learnt the noise.
-    setup = Setup(model_path, tokenizer, train_problems, eval_problems, salad_words(tokenizer), TrainSettings(), 68,
-                  workdir, data_seed, args.recipe)
+    setup = Setup(model_path, tokenizer, task, train_problems, eval_problems, salad_words(tokenizer),
+                  TrainSettings(), workdir, data_seed, args.recipe)
     out = Path(args.out)
     if args.worker:
         out.write_text(json.dumps(execute(setup, RunSpec.parse(args.worker))) + "\n")
@@ -868,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.score_cache is None:
         args.score_cache = str(XTFConfig().resolved_cache_dir())
     if args.detect:
-        target = out if args.out != str(RESULTS) else RESULTS.with_name("downstream_detection.json")
+        target = out if args.out != results_path(task) else results_path(task, "detection")
         document = {"settings": {"model": args.model, "train_size": args.train_size, "data_seed": data_seed,
                                  "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
                                  "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"})
@@ -907,11 +857,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "settings": {"model": args.model, "train_size": args.train_size, "eval_size": args.eval_size,
                          "data_seed": data_seed, "recipe": {"name": args.recipe, **asdict(RECIPES[args.recipe])},
                          "train": asdict(setup.settings), "lora_targets": "all-linear", "threads_per_process": 1,
-                         "max_new_tokens": setup.max_new_tokens,
+                         "task": setup.task.name, "max_new_tokens": setup.task.max_new_tokens,
                          "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"})
                                       for name, config in variants.items()}},
             **result, "machine": machine(),
-            "example_noisy_response": inject(train_problems[:1], RECIPES[args.recipe], 7, setup.words)[0].completion,
+            "example_noisy_response": inject(train_problems[:1], RECIPES[args.recipe], 7, setup.words,
+                                             setup.task)[0].completion,
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         temporary = out.with_suffix(".tmp")

@@ -43,7 +43,7 @@ import numpy as np
 from xtf_plugin.config import REASON_BITS, XTFConfig
 from xtf_plugin.data import read_records, tokenize_records
 from xtf_plugin.demo import DEMO_DATA
-from xtf_plugin.loading import load_model, load_tokenizer
+from xtf_plugin.models import load_model, load_tokenizer
 from xtf_plugin.pipeline import ScoredDataset, score_dataset
 from xtf_plugin.selection import combined_scores, select_tokens
 from xtf_plugin.spans import find_spans
@@ -340,14 +340,14 @@ def selections(scored: ScoredDataset, noise_fraction: float, tokenizer: Any) -> 
     spans = find_spans(scored.input_ids, scored.offsets, scored.response, scored.texts, special_token_ids(tokenizer))
     result = {
         "preset spans": select_tokens(scored.scores, scored.response, scored.protected, XTFConfig(preset="spans"),
-                                      spans).drop,
-        "preset paper (union)": scored.selection.drop,
+                                      spans).reasons,
+        "preset paper (union)": scored.selection.reasons,
         "union tests before caps and ceiling": scored.selection.flagged,
     }
     for scope in ("example", "dataset"):
         config = XTFConfig(mode="weighted", drop_ratio=drop_ratio, scope=scope)
         name = f"weighted, {scope} scope, drop_ratio={drop_ratio}"
-        result[name] = select_tokens(scored.scores, scored.response, scored.protected, config).drop
+        result[name] = select_tokens(scored.scores, scored.response, scored.protected, config).reasons
     return result
 
 
@@ -449,7 +449,7 @@ def main() -> None:
         "machine": machine,
         "settings": {
             "model": "demo (SmolLM2-135M-Instruct)",
-            "data": args.data if args.data != str(DEMO_DATA) else "xtf_plugin/data/gsm8k_sample.jsonl",
+            "data": args.data if args.data != str(DEMO_DATA) else "xtf_plugin/sample_data/gsm8k_sample.jsonl",
             "rows": len(records),
             "quick": args.quick,
             "seed": args.seed,

@@ -129,7 +129,7 @@ def main() -> None:
 
     from xtf_plugin.data import read_records, tokenize_records
     from xtf_plugin.demo import DEMO_DATA
-    from xtf_plugin.loading import load_tokenizer
+    from xtf_plugin.models import load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(args.model)

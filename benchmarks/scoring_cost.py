@@ -89,7 +89,7 @@ def child_arm(spec: dict[str, Any]) -> None:
 
     from xtf_plugin.config import XTFConfig
     from xtf_plugin.data import TokenizedData
-    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.models import load_model, load_tokenizer
     from xtf_plugin.pipeline import score_dataset
 
     device = device_name()
@@ -133,7 +133,7 @@ def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
     interleaved within each repeat, so each size's ratio is paired."""
     from xtf_plugin.config import XTFConfig
     from xtf_plugin.data import TokenizedData
-    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.models import load_model, load_tokenizer
     from xtf_plugin.pipeline import score_dataset
 
     device = device_name()
@@ -164,7 +164,7 @@ def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
 SELECTION_CHANGES = [
     {"drop_ratio": 0.1},
     {"mode": "weighted", "drop_ratio": 0.15},
-    {"weights": {"novelty": 0.0}, "kn_threshold": 0.9, "protect": ["^#### .*"]},
+    {"weights": {"novelty": 0.0}, "kn_p_threshold": 0.9, "protect": ["^#### .*"]},
 ]
 
 
@@ -173,7 +173,7 @@ def child_cache(spec: dict[str, Any]) -> dict[str, Any]:
     from xtf_plugin.config import XTFConfig
     from xtf_plugin.data import read_records, tokenize_records
     from xtf_plugin.demo import DEMO_DATA
-    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.models import load_model, load_tokenizer
     from xtf_plugin.pipeline import score_dataset
 
     device = device_name()

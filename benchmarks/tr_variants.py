@@ -20,7 +20,7 @@ import numpy as np
 from xtf_plugin.config import XTFConfig
 from xtf_plugin.data import read_records, tokenize_records
 from xtf_plugin.demo import DEMO_DATA
-from xtf_plugin.loading import load_model, load_tokenizer
+from xtf_plugin.models import load_model, load_tokenizer
 from xtf_plugin.pipeline import score_dataset
 
 OFF_TASK = [
@@ -127,8 +127,8 @@ def main() -> None:
             "auroc_tr": round(auroc_lower_is_positive(tr, noise), 4),
             "tr_clean_p5_p50_p95": [round(float(q), 4) for q in np.nanquantile(clean, [0.05, 0.5, 0.95])],
             "tr_noise_median": round(float(np.nanmedian(tr[noise])), 4),
-            "dropped_noise_tokens_tr": int(((scored.selection.drop & 4) > 0)[noise].sum()),
-            "dropped_clean_tokens_tr": int(((scored.selection.drop & 4) > 0)[response & ~noise].sum()),
+            "dropped_noise_tokens_tr": int(((scored.selection.reasons & 4) > 0)[noise].sum()),
+            "dropped_clean_tokens_tr": int(((scored.selection.reasons & 4) > 0)[response & ~noise].sum()),
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(f"{name:36s} {results[name]}", flush=True)

@@ -116,8 +116,8 @@ def build_trainers(args: argparse.Namespace, workdir: Path, baton: Baton, times:
     from xtf_plugin.config import XTFConfig
     from xtf_plugin.data import read_records, tokenize_records
     from xtf_plugin.demo import DEMO_DATA, resolve_model_path
-    from xtf_plugin.integrations.trl import XTFCallback, XTFSFTTrainer
-    from xtf_plugin.loading import load_tokenizer
+    from xtf_plugin.integrations.trl import XTFCallback, XTFSFTConfig, XTFSFTTrainer
+    from xtf_plugin.models import load_tokenizer
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -128,7 +128,7 @@ def build_trainers(args: argparse.Namespace, workdir: Path, baton: Baton, times:
     xtf_config = XTFConfig(cache_dir=str(workdir / "cache"), protect=["^#### .*"])
     trainers = {}
     for arm in ARMS:
-        sft_args = SFTConfig(
+        settings = dict(
             output_dir=str(workdir / arm),
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
@@ -144,6 +144,7 @@ def build_trainers(args: argparse.Namespace, workdir: Path, baton: Baton, times:
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
+        sft_args = XTFSFTConfig(**settings, xtf=xtf_config) if arm == "XTFSFTTrainer" else SFTConfig(**settings)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa")
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -153,7 +154,7 @@ def build_trainers(args: argparse.Namespace, workdir: Path, baton: Baton, times:
             trainers[arm] = SFTTrainer(**common, callbacks=[timer])
         elif arm == "XTFSFTTrainer":
             # scores here (fills the cache the callback arm reads); not part of any step time
-            trainers[arm] = XTFSFTTrainer(**common, callbacks=[timer], xtf_config=xtf_config)
+            trainers[arm] = XTFSFTTrainer(**common, callbacks=[timer])
         else:
             trainers[arm] = SFTTrainer(**common, callbacks=[timer, XTFCallback(xtf_config)])
     return trainers

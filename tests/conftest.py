@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SAMPLE = Path(__file__).resolve().parent.parent / "xtf_plugin" / "data" / "gsm8k_sample.jsonl"
+SAMPLE = Path(__file__).resolve().parent.parent / "xtf_plugin" / "sample_data" / "gsm8k_sample.jsonl"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -151,7 +151,7 @@ def expected_labels(model_dir: Path, tmp_path: Path, xtf: dict, load_in_4bit: bo
     from transformers import AutoTokenizer
 
     from xtf_plugin.integrations.common import mask_examples
-    from xtf_plugin.loading import load_model
+    from xtf_plugin.models import load_model
 
     ids, labels = prepared_rows(tmp_path)
     config = XTFConfig(**xtf, cache_dir=str(tmp_path / "expected-cache"))

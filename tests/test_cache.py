@@ -48,7 +48,7 @@ def test_selection_change_reuses_cache_without_running_the_model(tiny_model, tin
     assert second.stats["cached_shards"] == 1
     for name in ("ri", "kn", "tr"):
         np.testing.assert_array_equal(getattr(first.scores, name), getattr(second.scores, name))
-    assert (second.selection.drop > 0).sum() > (first.selection.drop > 0).sum()
+    assert (second.selection.reasons > 0).sum() > (first.selection.reasons > 0).sum()
     assert not [p for p in cache_files(cache_dir) if p.name.startswith(".tmp-")]
 
 

@@ -1,12 +1,19 @@
 """`XTFConfig` (defaults, one-line errors naming the key, scorer vs selection settings) and the CLI's
-`build_config` (YAML file + `--set` overrides)."""
+`load_xtf_config_file` (YAML file + `--set` overrides)."""
 
 from __future__ import annotations
 
 import pytest
 
-from xtf_plugin.cli import build_config, parse_set_option
-from xtf_plugin.config import AttributeCaps, AttributeWeights, XTFConfig, XTFConfigError, load_xtf_config
+from xtf_plugin.config import (
+    AttributeCaps,
+    AttributeWeights,
+    XTFConfig,
+    XTFConfigError,
+    load_xtf_config,
+    load_xtf_config_file,
+    parse_set_option,
+)
 from xtf_plugin.errors import XTFError
 
 
@@ -30,7 +37,7 @@ def test_defaults():
     config = load_xtf_config({"preset": "paper"})
     assert config.mode == "union"
     assert config.drop_ratio == 0.2
-    assert config.kn_threshold == 0.95
+    assert config.kn_p_threshold == 0.95
     assert config.ri_fence_k == 1.5
     assert (config.caps.reasoning, config.caps.novelty, config.caps.relevance) == (0.05, 0.10, 0.05)
     assert (config.weights.reasoning, config.weights.novelty, config.weights.relevance) == (1.0, 1.0, 1.0)
@@ -77,7 +84,7 @@ def test_nested_unknown_key():
     [
         ({"drop_ratio": 1.0}, "xtf.drop_ratio: Input should be less than 1 (got 1.0)"),
         ({"drop_ratio": -0.1}, "xtf.drop_ratio: Input should be greater than or equal to 0 (got -0.1)"),
-        ({"kn_threshold": 0}, "xtf.kn_threshold: Input should be greater than 0 (got 0)"),
+        ({"kn_p_threshold": 0}, "xtf.kn_p_threshold: Input should be greater than 0 (got 0)"),
         ({"caps": {"novelty": 2}}, "xtf.caps.novelty: Input should be less than or equal to 1 (got 2)"),
         ({"weights": {"novelty": -1}}, "xtf.weights.novelty: Input should be greater than or equal to 0 (got -1)"),
         ({"mode": "x"}, "xtf.mode: Input should be 'union', 'weighted' or 'spans' (got 'x')"),
@@ -152,7 +159,7 @@ SELECTION_CHANGES = [
     {"span_fence_k": 2.0},
     {"caps": {"reasoning": 0.5, "novelty": 0.01}},
     {"protect": ["^#### .*"]},
-    {"kn_threshold": 0.5},
+    {"kn_p_threshold": 0.5},
     {"ri_fence_k": 3.0},
     {"ri_scale": "linear"},
     {"tr_otsu_classes": 3, "tr_mask_classes": [0]},
@@ -193,11 +200,11 @@ def test_relevance_settings_change(change):
     assert changed.scorer_settings() == XTFConfig().scorer_settings()
 
 
-# --- build_config (cli) ---------------------------------------------------------------------------
+# --- load_xtf_config_file ---------------------------------------------------------------------------------
 
 
 def test_build_config_without_file():
-    assert build_config(None, []) == XTFConfig()
+    assert load_xtf_config_file(None, []) == XTFConfig()
 
 
 def test_build_config_xtf_block(tmp_path):
@@ -207,7 +214,7 @@ def test_build_config_xtf_block(tmp_path):
         "datasets:\n  - path: data.jsonl\n"
         "xtf:\n  mode: weighted\n  drop_ratio: 0.3\n  weights:\n    relevance: 0\n  protect:\n    - '^#### .*'\n"
     )
-    config = build_config(str(path), [])
+    config = load_xtf_config_file(str(path), [])
     assert config.mode == "weighted" and config.drop_ratio == 0.3
     assert config.weights.relevance == 0 and config.weights.novelty == 1.0
     assert config.protect == ["^#### .*"]
@@ -215,22 +222,22 @@ def test_build_config_xtf_block(tmp_path):
 
 def test_build_config_top_level_keys(tmp_path):
     path = tmp_path / "xtf.yaml"
-    path.write_text("kn_threshold: 0.9\ncaps:\n  novelty: 0.2\n")
-    config = build_config(str(path), [])
-    assert config.kn_threshold == 0.9 and config.caps.novelty == 0.2 and config.caps.reasoning == 0.05
+    path.write_text("kn_p_threshold: 0.9\ncaps:\n  novelty: 0.2\n")
+    config = load_xtf_config_file(str(path), [])
+    assert config.kn_p_threshold == 0.9 and config.caps.novelty == 0.2 and config.caps.reasoning == 0.05
 
 
 def test_build_config_empty_file_and_empty_block(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert build_config(str(empty), []) == XTFConfig()
+    assert load_xtf_config_file(str(empty), []) == XTFConfig()
     block = tmp_path / "block.yaml"
     block.write_text("xtf:\n")
-    assert build_config(str(block), []) == XTFConfig()
+    assert load_xtf_config_file(str(block), []) == XTFConfig()
 
 
 def test_set_overrides_are_yaml_typed(tmp_path):
-    config = build_config(None, ["weights.novelty=0", "drop_ratio=0.1", "mode=weighted", "protect=['^#### .*']"])
+    config = load_xtf_config_file(None, ["weights.novelty=0", "drop_ratio=0.1", "mode=weighted", "protect=['^#### .*']"])
     assert config.weights.novelty == 0 and config.weights.reasoning == 1.0
     assert config.drop_ratio == 0.1 and config.mode == "weighted" and config.protect == ["^#### .*"]
     assert parse_set_option("weights.novelty=0") == (["weights", "novelty"], 0)
@@ -241,43 +248,43 @@ def test_set_overrides_are_yaml_typed(tmp_path):
     # overrides win over the file
     path = tmp_path / "xtf.yaml"
     path.write_text("xtf:\n  drop_ratio: 0.4\n  weights:\n    reasoning: 0.5\n")
-    config = build_config(str(path), ["drop_ratio=0.1", "weights.novelty=0"])
+    config = load_xtf_config_file(str(path), ["drop_ratio=0.1", "weights.novelty=0"])
     assert config.drop_ratio == 0.1
     assert (config.weights.reasoning, config.weights.novelty, config.weights.relevance) == (0.5, 0, 1.0)
 
 
 def test_set_errors():
     with pytest.raises(XTFError) as info:
-        build_config(None, ["drop_ratio"])
+        load_xtf_config_file(None, ["drop_ratio"])
     assert str(info.value) == "--set drop_ratio: expected key=value, e.g. --set drop_ratio=0.1"
     with pytest.raises(XTFError, match="empty key"):
-        build_config(None, ["=1"])
+        load_xtf_config_file(None, ["=1"])
     with pytest.raises(XTFError, match="drop_ratio is not a mapping"):
-        build_config(None, ["drop_ratio=0.1", "drop_ratio.x=1"])
+        load_xtf_config_file(None, ["drop_ratio=0.1", "drop_ratio.x=1"])
     with pytest.raises(XTFConfigError) as info:
-        build_config(None, ["weights.bogus=1"])
+        load_xtf_config_file(None, ["weights.bogus=1"])
     assert str(info.value).startswith("xtf.weights.bogus: unknown key")
 
 
 def test_build_config_file_errors(tmp_path):
     missing = tmp_path / "missing.yaml"
     with pytest.raises(XTFError) as info:
-        build_config(str(missing), [])
-    assert str(info.value) == f"--config {missing}: no such file"
+        load_xtf_config_file(str(missing), [])
+    assert str(info.value) == f"{missing}: no such file"
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("xtf:\n  drop_ratio: 0.1\n  mode: weighted: yes\n")
     with pytest.raises(XTFError) as info:
-        build_config(str(bad), [])
+        load_xtf_config_file(str(bad), [])
     assert str(info.value) == f"{bad}:3: invalid YAML"
 
     listing = tmp_path / "list.yaml"
     listing.write_text("- drop_ratio: 0.1\n")
     with pytest.raises(XTFError, match="expected a mapping"):
-        build_config(str(listing), [])
+        load_xtf_config_file(str(listing), [])
 
     invalid = tmp_path / "invalid.yaml"
     invalid.write_text("xtf:\n  drop_ratio: 1.5\n")
     with pytest.raises(XTFConfigError) as info:
-        build_config(str(invalid), [])
+        load_xtf_config_file(str(invalid), [])
     assert str(info.value) == f"{invalid}: xtf.drop_ratio: Input should be less than 1 (got 1.5)"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from xtf_plugin.cli import main
-from xtf_plugin.report.load import attach_texts, load_scored_dir
+from xtf_plugin.output import attach_texts, read_output_dir
 from xtf_plugin.report.stats import dropped_fractions, per_example_counts, reason_names, score_histograms
 from xtf_plugin.report.summary import pairwise_overlaps, reason_combinations, reason_counts, top_dropped_tokens
 from xtf_plugin.report.terminal import marked_text
@@ -92,7 +92,7 @@ def scored_dir(tiny_model_dir, gsm8k_jsonl, tmp_path, cache_dir):
     args = ["score", "--model", str(tiny_model_dir), "--data", str(gsm8k_jsonl), "--out", str(out), "--quiet"]
     # the paper preset's token tests, loosened so the tiny random model's scores drop tokens of every kind
     assert main([*args, "--set", "preset=paper", "--set", "drop_ratio=0.3", "--set", "caps.novelty=0.3",
-                 "--set", "kn_threshold=0.001"]) == 0
+                 "--set", "kn_p_threshold=0.001"]) == 0
     return out
 
 
@@ -132,7 +132,7 @@ def test_tokens_export_and_terminal_view(scored_dir, tmp_path, capsys):
     assert [m[0] for m in marks] == [r["token"] for r in first_two]
     label = {"reasoning": "RI", "novelty": "KN", "relevance": "TR"}
     assert [m[1] for m in marks] == ["+".join(label[n] for n in r["reasons"]) for r in first_two]
-    scored = attach_texts(load_scored_dir(scored_dir))  # the model recorded in summary.json
+    scored = attach_texts(read_output_dir(scored_dir))  # the model recorded in summary.json
     assert marked_text(scored, 0).count("[[") == sum(1 for r in first_two if r["example"] == 0)
 
 
@@ -150,10 +150,10 @@ def test_html_report_in_headless_chromium(scored_dir, tmp_path):
     ]  # fmt: skip
     url = report.as_uri()
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=60, check=True).stdout
-    scored = load_scored_dir(scored_dir)
+    scored = read_output_dir(scored_dir)
     # the first page: 5 examples rendered by the script, every response token a span, dropped ones coloured
     assert dom.count('class="example"') == 5
-    first = np.concatenate([scored.drop[scored.example_slice(i)][scored.response[scored.example_slice(i)]] for i in range(5)])
+    first = np.concatenate([scored.reasons[scored.example_slice(i)][scored.response[scored.example_slice(i)]] for i in range(5)])
     spans = re.findall(r'<span class="(tok[^"]*)"', dom)
     assert len(spans) == len(first) + 5  # + the legend's five swatches
     dropped = [c for c in spans if "drop" in c.split()]
@@ -178,7 +178,7 @@ def test_html_viewer_holds_at_most_max_examples(scored_dir, tmp_path):
     """Large datasets: the viewer embeds the first --max-examples examples and says so; the figures cover all."""
     from xtf_plugin.report.html import examples_json
 
-    scored = attach_texts(load_scored_dir(scored_dir))
+    scored = attach_texts(read_output_dir(scored_dir))
     assert [row[0] for row in json.loads(examples_json(scored, 5))["examples"]] == [0, 1, 2, 3, 4]
     html = tmp_path / "small.html"
     assert main(["report", str(scored_dir), "--html", str(html), "--max-examples", "5"]) == 0

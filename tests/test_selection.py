@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from skimage.filters import threshold_multiotsu
 
 from xtf_plugin.config import XTFConfig
-from xtf_plugin.scores import TokenScores
 from xtf_plugin.selection import (
     Selection,
     apply_selection,
@@ -25,6 +24,7 @@ from xtf_plugin.selection import (
     select_tokens,
     tukey_fence,
 )
+from xtf_plugin.token_scores import TokenScores
 
 NAN = math.nan
 WIDE = {"reasoning": 1.0, "novelty": 1.0, "relevance": 1.0}  # caps that never bind
@@ -93,7 +93,7 @@ def test_ri_fence_is_per_example():
     expected = np.array([0] * 8 + [1] + [0] * 8 + [1], np.uint8)
     np.testing.assert_array_equal(selection.flagged, expected)
     # ceiling floor(0.9 * 9) = 8 and cap floor(1.0 * 9) = 9 do not bind
-    np.testing.assert_array_equal(selection.drop, expected)
+    np.testing.assert_array_equal(selection.reasons, expected)
     fence = selection.thresholds["ri_fence"]
     assert fence["examples"] == 2
     assert fence["min"] == pytest.approx(5.0)
@@ -113,7 +113,7 @@ def test_ri_fence_is_per_example():
 def test_ri_fence_k(k, expected):
     scores = make_scores([[-10, 1, 2, 3, 4, 5]])
     selection = run(scores, union(ri_fence_k=k))  # ceiling floor(0.9 * 6) = 5
-    np.testing.assert_array_equal(selection.drop, np.array(expected, np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array(expected, np.uint8))
     np.testing.assert_array_equal(selection.flagged, np.array(expected, np.uint8))
 
 
@@ -124,10 +124,10 @@ def test_ri_fence_on_log_scale():
     # 1.5 * 15.48 < 0 -> nothing is flagged: the heavy upper tail hides the low outlier.
     scores = make_scores([list(np.exp([-10.0, 0, 1, 2, 3, 4]))])
     log_selection = run(scores, union(ri_scale="log"))
-    np.testing.assert_array_equal(log_selection.drop, np.array([1, 0, 0, 0, 0, 0], np.uint8))
+    np.testing.assert_array_equal(log_selection.reasons, np.array([1, 0, 0, 0, 0, 0], np.uint8))
     assert log_selection.thresholds["ri_fence"]["min"] == pytest.approx(-3.5)
     linear_selection = run(scores, union(ri_scale="linear"))
-    np.testing.assert_array_equal(linear_selection.drop, np.zeros(6, np.uint8))
+    np.testing.assert_array_equal(linear_selection.reasons, np.zeros(6, np.uint8))
 
 
 def test_ri_ignores_nan_and_non_response_in_fence():
@@ -136,12 +136,12 @@ def test_ri_ignores_nan_and_non_response_in_fence():
     scores = make_scores([[-1000, -10, 1, NAN, 2, 3, 4, 5]])
     response = [False, True, True, True, True, True, True, True]
     selection = run(scores, union(), response=response)
-    np.testing.assert_array_equal(selection.drop, np.array([0, 1, 0, 0, 0, 0, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([0, 1, 0, 0, 0, 0, 0, 0], np.uint8))
     assert selection.thresholds["ri_fence"]["min"] == pytest.approx(-2.5)
 
 
 # ------------------------------------------------------------------------------------------------------
-# 2. KN: p(token) > kn_threshold, i.e. kn < 1 - kn_threshold
+# 2. KN: p(token) > kn_p_threshold, i.e. kn < 1 - kn_p_threshold
 
 
 @pytest.mark.parametrize(
@@ -158,8 +158,8 @@ def test_ri_ignores_nan_and_non_response_in_fence():
 def test_kn_threshold(threshold, expected):
     scores = make_scores([[NAN] * 7], kn=[[0.01, 0.2, 0.04, 0.5, NAN, 0.0, 0.07]])
     # ceiling floor(0.9 * 7) = 6 does not bind (at most 6 flagged)
-    selection = run(scores, union(kn_threshold=threshold))
-    np.testing.assert_array_equal(selection.drop, np.array(expected, np.uint8))
+    selection = run(scores, union(kn_p_threshold=threshold))
+    np.testing.assert_array_equal(selection.reasons, np.array(expected, np.uint8))
     assert selection.thresholds["kn_p_threshold"] == threshold
 
 
@@ -194,7 +194,7 @@ def test_tr_masks_second_lowest_class_only():
     # class = cluster value (cuts between clusters); tr_mask_classes [1] (the paper) -> the 1.0 tokens only,
     # class-0 tokens (0.0) are kept. Ceilings floor(0.9*5) = 4, floor(0.9*8) = 7 do not bind.
     expected = np.array([0, 0, 4, 4, 0] + [0, 0, 0, 0, 0, 0, 4, 0], np.uint8)
-    np.testing.assert_array_equal(selection.drop, expected)
+    np.testing.assert_array_equal(selection.reasons, expected)
     np.testing.assert_array_equal(selection.flagged, expected)
     values = np.concatenate([np.asarray(x) for x in TR_EXAMPLES])
     np.testing.assert_allclose(selection.thresholds["tr_otsu_thresholds"], threshold_multiotsu(values, classes=5))
@@ -206,7 +206,7 @@ def test_tr_mask_classes_zero_and_one():
     # clusters 0 and 1 -> example 1: 4 of 5 (ceiling floor(0.9*5) = 4, cap 5: both fit), example 2: the
     # trailing 1.0 and 0.0
     expected = np.array([4, 4, 4, 4, 0] + [0, 0, 0, 0, 0, 0, 4, 4], np.uint8)
-    np.testing.assert_array_equal(selection.drop, expected)
+    np.testing.assert_array_equal(selection.reasons, expected)
 
 
 def test_tr_fit_uses_response_tokens_only():
@@ -217,7 +217,7 @@ def test_tr_fit_uses_response_tokens_only():
     response = [False] + [True] * 5 + [False] + [True] * 8
     selection = run(scores, union(), response=response)
     expected = np.array([0, 0, 0, 4, 4, 0] + [0, 0, 0, 0, 0, 0, 0, 4, 0], np.uint8)
-    np.testing.assert_array_equal(selection.drop, expected)
+    np.testing.assert_array_equal(selection.reasons, expected)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_caps_keep_most_lacking(cap, expected_dropped):
     selection = run(scores, union(caps={"reasoning": 1.0, "novelty": cap, "relevance": 1.0}))
     expected = np.zeros(10, np.uint8)
     expected[expected_dropped] = 2
-    np.testing.assert_array_equal(selection.drop, expected)
+    np.testing.assert_array_equal(selection.reasons, expected)
     # flagged is before the caps
     np.testing.assert_array_equal(selection.flagged, np.array([2, 2, 2, 2, 0, 0, 0, 0, 0, 0], np.uint8))
 
@@ -272,7 +272,7 @@ def test_caps_are_per_example_and_per_attribute():
     expected[10 + 3] = 2
     expected[10 + 2] = 3
     expected[10 + 5] = 1
-    np.testing.assert_array_equal(selection.drop, expected)
+    np.testing.assert_array_equal(selection.reasons, expected)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ CEIL_KN = [0.02, 0.01, 0.03, 0.5, 0.6, 0.7, 0.8, 0.9, 0.55, 0.65]
 def test_union_ceiling(ratio, expected):
     scores = make_scores([CEIL_RI], kn=[CEIL_KN])
     selection = run(scores, union(drop_ratio=ratio))
-    np.testing.assert_array_equal(selection.drop, np.array(expected + [0] * 6, np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array(expected + [0] * 6, np.uint8))
     np.testing.assert_array_equal(selection.flagged, np.array([3, 2, 2, 1] + [0] * 6, np.uint8))
 
 
@@ -319,7 +319,7 @@ def test_union_ceiling_ignores_switched_off_attribute():
     scores = make_scores([CEIL_RI], kn=[kn])
     config = union(drop_ratio=0.1, weights={"reasoning": 1.0, "novelty": 0.0, "relevance": 1.0})
     selection = run(scores, config)
-    np.testing.assert_array_equal(selection.drop, np.array([0, 0, 0, 1] + [0] * 6, np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([0, 0, 0, 1] + [0] * 6, np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_zero_weight_switches_attribute_off(weights, expected):
     scores = make_scores([CEIL_RI], kn=[CEIL_KN])
     selection = run(scores, union(weights=weights))  # ceiling floor(0.9 * 10) = 9
     np.testing.assert_array_equal(selection.flagged, np.array(expected + [0] * 6, np.uint8))
-    np.testing.assert_array_equal(selection.drop, np.array(expected + [0] * 6, np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array(expected + [0] * 6, np.uint8))
     assert ("ri_fence" in selection.thresholds) == (weights["reasoning"] > 0)
 
 
@@ -361,7 +361,7 @@ def test_protected_and_prompt_never_dropped_union():
     response = [False, False, True, True, True, True, True, True]
     protected = [False, False, False, False, False, False, False, True]
     selection = run(scores, union(), response=response, protected=protected)
-    np.testing.assert_array_equal(selection.drop, np.array([0, 0, 2, 0, 2, 0, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([0, 0, 2, 0, 2, 0, 0, 0], np.uint8))
     # protected/prompt tokens are not even flagged (no test failed on a candidate)
     np.testing.assert_array_equal(selection.flagged, np.array([0, 0, 2, 0, 2, 0, 0, 0], np.uint8))
     # the combined score is NaN everywhere in union mode
@@ -379,7 +379,7 @@ def test_protected_never_dropped_weighted():
     protected = [True, True, False, False, False, False]  # protected prompt token is just not a response
     config = XTFConfig(mode="weighted", drop_ratio=0.4, weights={"reasoning": 0, "novelty": 1, "relevance": 0})
     selection = run(scores, config, response=response, protected=protected)
-    np.testing.assert_array_equal(selection.drop, np.array([0, 0, 2, 2, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([0, 0, 2, 2, 0, 0], np.uint8))
     np.testing.assert_array_equal(selection.flagged, np.array([0, 0, 2, 0, 0, 0], np.uint8))
     np.testing.assert_allclose(selection.combined, [NAN, 0.0, 0.25, 0.5, 0.75, 1.0])
 
@@ -404,7 +404,7 @@ def test_never_empty_weighted_dataset_scope():
     scores = make_scores([a, b], kn=[a, b], tr=[a, b])
     config = XTFConfig(mode="weighted", scope="dataset", drop_ratio=0.5)
     selection = run(scores, config)
-    np.testing.assert_array_equal(selection.drop, np.array([7, 0, 7, 7, 0, 0, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([7, 0, 7, 7, 0, 0, 0, 0], np.uint8))
 
 
 def test_never_empty_rescue_uses_combined_score_only():
@@ -416,7 +416,7 @@ def test_never_empty_rescue_uses_combined_score_only():
         mode="weighted", scope="dataset", drop_ratio=0.5, weights={"reasoning": 0, "novelty": 1, "relevance": 0}
     )
     selection = run(scores, config)
-    np.testing.assert_array_equal(selection.drop, np.array([2, 0, 2, 2, 0, 0, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([2, 0, 2, 2, 0, 0, 0, 0], np.uint8))
 
 
 def test_never_empty_single_response_token():
@@ -424,7 +424,7 @@ def test_never_empty_single_response_token():
     # emptied; each is rescued, so nothing is dropped at all.
     scores = make_scores([[1.0], [2.0], [3.0]], kn=[[1.0], [2.0], [3.0]], tr=[[1.0], [2.0], [3.0]])
     selection = run(scores, XTFConfig(mode="weighted", scope="dataset", drop_ratio=0.9))
-    np.testing.assert_array_equal(selection.drop, np.zeros(3, np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.zeros(3, np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def test_weighted_example_scope():
     # example 1: floor(0.4 * 5) = 2 -> positions 0, 1. Bits (rank <= 0.4): position 0 ri 0, kn 0, tr .5
     #   -> 1|2 = 3; position 1 ri .25, kn .25, tr 0 -> 7.
     # example 2: floor(0.4 * 4) = 1 -> position 0: ri 0, kn 0, tr .5 -> 3.
-    np.testing.assert_array_equal(selection.drop, np.array([3, 7, 0, 0, 0, 3, 0, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([3, 7, 0, 0, 0, 3, 0, 0, 0], np.uint8))
 
 
 def test_weighted_dataset_scope():
@@ -462,7 +462,7 @@ def test_weighted_dataset_scope():
     scores = make_scores(W_RI, kn=W_KN, tr=W_TR)
     selection = run(scores, XTFConfig(mode="weighted", scope="dataset", drop_ratio=0.4))
     np.testing.assert_allclose(selection.combined, np.array([6, 6, 9, 14, 15, 11.5, 17.5, 13.5, 15.5]) / 24, rtol=1e-6)
-    np.testing.assert_array_equal(selection.drop, np.array([3, 3, 3, 0, 0, 0, 0, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([3, 3, 3, 0, 0, 0, 0, 0, 0], np.uint8))
     np.testing.assert_array_equal(selection.flagged, np.array([3, 3, 3, 3, 0, 4, 4, 4, 4], np.uint8))
 
 
@@ -475,7 +475,7 @@ def test_weighted_unexplained_drop_blamed_on_weakest_attribute():
     config = XTFConfig(mode="weighted", drop_ratio=0.2, weights={"reasoning": 1, "novelty": 1, "relevance": 0})
     selection = run(scores, config)
     np.testing.assert_allclose(selection.combined, [0.25, 0.5, 0.5, 0.625, 0.625])
-    np.testing.assert_array_equal(selection.drop, np.array([1, 0, 0, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([1, 0, 0, 0, 0], np.uint8))
     # flagged: position 1 ri rank 0 -> 1; position 2 kn rank 0 -> 2
     np.testing.assert_array_equal(selection.flagged, np.array([0, 1, 2, 0, 0], np.uint8))
 
@@ -492,7 +492,7 @@ def test_weighted_weights_scale_the_mix():
     np.testing.assert_allclose(ranks["novelty"], [1.0, 0.5, 0.0])
     selection = run(scores, config)
     # position 0: ri rank 0 <= .5 -> 1 (kn rank 1 is not)
-    np.testing.assert_array_equal(selection.drop, np.array([1, 0, 0], np.uint8))
+    np.testing.assert_array_equal(selection.reasons, np.array([1, 0, 0], np.uint8))
 
 
 def test_combined_nan_outside_response():
@@ -511,7 +511,7 @@ def test_combined_nan_outside_response():
 def test_apply_selection_direct():
     labels = np.array([-100, 5, 6, 7, 8, 9])
     selection = Selection(
-        drop=np.array([0, 0, 1, 0, 6, 4], np.uint8),
+        reasons=np.array([0, 0, 1, 0, 6, 4], np.uint8),
         flagged=np.array([0, 0, 1, 2, 6, 4], np.uint8),
         combined=np.full(6, np.nan, np.float32),
     )
@@ -543,7 +543,7 @@ def test_nan_scores_never_lack_in_union():
     scores = make_scores([ri], kn=[kn], tr=[[0, 1, 2, 3, 4, NAN, 0, 1, 2, 3]])
     selection = run(scores, union())
     assert selection.flagged[5] == 0
-    assert selection.drop[5] == 0
+    assert selection.reasons[5] == 0
     # TR with cuts between the clusters: class 1 = value 1 at positions 1 and 7
     np.testing.assert_array_equal(selection.flagged, np.array([3, 7, 0, 0, 0, 0, 0, 4, 0, 0], np.uint8))
 
@@ -577,7 +577,7 @@ def selection_problem(draw):
         drop_ratio=draw(st.floats(0, 0.99)),
         weights=weights,
         caps=caps,
-        kn_threshold=draw(st.floats(0.05, 1.0)),
+        kn_p_threshold=draw(st.floats(0.05, 1.0)),
         ri_fence_k=draw(st.floats(0, 3)),
         # skimage's Multi-Otsu costs ~3 s per fit at 5 classes on spread-out values; 2..4 keeps this fast
         tr_otsu_classes=draw(st.integers(2, 4)),
@@ -591,7 +591,7 @@ def selection_problem(draw):
 def test_selection_invariants(problem):
     scores, response, protected, config = problem
     selection = select_tokens(scores, response, protected, config)
-    drop, flagged = selection.drop, selection.flagged
+    drop, flagged = selection.reasons, selection.flagged
     assert drop.dtype == np.uint8 and drop.shape == (scores.n_tokens,)
     # never outside the response, never protected
     assert not drop[~response].any()

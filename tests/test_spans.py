@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from xtf_plugin.config import PRESETS, XTFConfig, XTFConfigError, load_xtf_config
-from xtf_plugin.scores import TokenScores
 from xtf_plugin.selection import SPAN_BIT, robust_fence, select_tokens, surprise
 from xtf_plugin.spans import find_spans, span_shape
+from xtf_plugin.token_scores import TokenScores
 from xtf_plugin.tokens import TokenTexts, special_token_ids
 
 
@@ -70,11 +70,25 @@ def test_a_shape_shared_with_other_numbers_is_a_template_a_verbatim_repeat_is_no
 def test_robust_fence_ignores_a_minority_of_outliers():
     values = np.array([1.0, 1.2, 0.8, 1.1, 0.9, 9.0, 10.0, np.nan])
     fence, median, scale = robust_fence(values, 3.0)
-    # median of the 7 finite values = 1.1; |deviations| sorted: 0, .1, .1, .2, .3, 7.9, 8.9 -> MAD 0.2
-    assert median == pytest.approx(1.1)
-    assert scale == pytest.approx(1.4826 * 0.2)
-    assert fence == pytest.approx(1.1 + 3 * 1.4826 * 0.2)
+    # first fence: median 1.1, MAD 0.2 -> 1.99, above the five small values only; over those five: median 1.0,
+    # |deviations| 0, .1, .1, .2, .2 -> MAD 0.1; that fence keeps the same five, so it stays
+    assert median == pytest.approx(1.0)
+    assert scale == pytest.approx(1.4826 * 0.1)
+    assert fence == pytest.approx(1.0 + 3 * 1.4826 * 0.1)
     assert robust_fence(np.ones(5), 3.0)[0] == math.inf  # no spread: nothing is an outlier
+
+
+def test_robust_fence_holds_when_noise_is_a_large_share():
+    """40% noise a few scales above the clean values widens a one-pass MAD fence past the noise; recomputing
+    the fence over the values below it recovers the clean values' fence."""
+    rng = np.random.default_rng(0)
+    clean, noise = rng.normal(2.5, 0.3, 600), rng.uniform(4.5, 7.0, 400)
+    values = np.concatenate([clean, noise])
+    median = np.median(values)
+    one_pass = median + 3 * 1.4826 * np.median(np.abs(values - median))
+    assert (noise <= one_pass).mean() > 0.3  # what a single pass would miss
+    fence, _, _ = robust_fence(values, 3.0)
+    assert (noise > fence).all() and (clean <= fence).mean() > 0.99
 
 
 def spans_selection(tokenizer, examples, span_p, protected_texts=(), **config):
@@ -101,12 +115,14 @@ def test_spans_mode_masks_the_off_task_span_whole_and_nothing_else(tiny_tokenize
                                                  [0.5, 0.6, 0.001, 0.4, 0.55, 0.45])
     assert spans.texts == lines
     # surprise per span: -log p = .693, .511, 6.908, .916, .598, .799; median (.693 + .799) / 2 = .746;
-    # |deviations| .053 .053 .148 .170 .235 6.162 -> MAD .159; fence .746 + 3 * 1.4826 * .159 = 1.453
+    # |deviations| .053 .053 .148 .170 .235 6.162 -> MAD .159; fence .746 + 3 * 1.4826 * .159 = 1.453, above
+    # all but 6.908; over those five: median .693, MAD .105 -> fence .693 + 3 * 1.4826 * .105 = 1.162, which keeps
+    # the same five
     off = spans.ids == 2
-    assert (selection.drop[off] == 4 | SPAN_BIT).all()
-    assert (selection.drop[~off] == 0).all()
+    assert (selection.reasons[off] == 4 | SPAN_BIT).all()
+    assert (selection.reasons[~off] == 0).all()
     assert selection.thresholds["off_task_spans"] == 1 and selection.thresholds["dropped_spans"] == 1
-    assert selection.thresholds["span_surprise_fence"] == pytest.approx(1.453, abs=2e-3)
+    assert selection.thresholds["span_surprise_fence"] == pytest.approx(1.162, abs=2e-3)
     assert surprise(np.array([0.5]))[0] == pytest.approx(math.log(2))
 
 
@@ -131,8 +147,8 @@ def test_spans_mode_masks_only_the_surprising_phrase_of_a_real_sentence(tiny_tok
     # the span's mean surprise is far above the fence, but its excess sits in " blue moon singing", a minority
     # of its word tokens: only that phrase goes, "She gives 2 apples to Tom" stays trained
     assert selection.span_off_task.tolist() == [False, False, True, False, False, False]
-    assert (selection.drop > 0).tolist() == phrase.tolist()
-    assert "".join(texts[j] for j in np.flatnonzero(selection.drop)) == " blue moon singing"
+    assert (selection.reasons > 0).tolist() == phrase.tolist()
+    assert "".join(texts[j] for j in np.flatnonzero(selection.reasons)) == " blue moon singing"
 
 
 def test_spans_mode_never_masks_a_template_or_a_protected_span(tiny_tokenizer):
@@ -147,7 +163,7 @@ def test_spans_mode_never_masks_a_template_or_a_protected_span(tiny_tokenizer):
     spans, selection, _ = spans_selection(tiny_tokenizer, examples, p, protected_texts=("Then she buys 3 more apples.\n",))
     assert selection.thresholds["template_spans"] == 8
     assert selection.span_off_task.tolist() == [False, True] + [False] * 10
-    assert (selection.drop == 0).all()
+    assert (selection.reasons == 0).all()
 
 
 def test_an_off_task_span_whose_words_are_all_protected_masks_nothing(tiny_tokenizer):
@@ -163,7 +179,7 @@ def test_an_off_task_span_whose_words_are_all_protected_masks_nothing(tiny_token
     protected = (ids == tiny_tokenizer.eos_token_id) | ((spans.ids == 2) & np.array(["\n" not in t for t in texts]))
     selection = select_tokens(scores, response, protected, XTFConfig(), spans)
     assert selection.span_off_task[2]
-    assert (selection.drop == 0).all()  # not even the line break of a protected sentence
+    assert (selection.reasons == 0).all()  # not even the line break of a protected sentence
 
 
 def test_spans_mode_respects_the_per_example_ceiling(tiny_tokenizer):
@@ -172,20 +188,20 @@ def test_spans_mode_respects_the_per_example_ceiling(tiny_tokenizer):
     ps = [0.5, 0.001, 0.0001, 0.4, 0.55, 0.45]
     spans, wide, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], ps)
     both = (spans.ids == 1) | (spans.ids == 2)
-    assert (wide.drop[both] > 0).all()
+    assert (wide.reasons[both] > 0).all()
     n_response = int(response.sum())
     one_span = int((spans.ids == 2).sum())
     # room for one off-task span only: the more surprising one (p = 1e-4) goes, the other stays flagged
     _, tight, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], ps,
                                   drop_ratio=(one_span + 1) / n_response)
-    assert (tight.drop[spans.ids == 2] > 0).all() and (tight.drop[spans.ids == 1] == 0).all()
+    assert (tight.reasons[spans.ids == 2] > 0).all() and (tight.reasons[spans.ids == 1] == 0).all()
     assert (tight.flagged[spans.ids == 1] > 0).all()
 
 
 def test_spans_mode_on_uniform_data_masks_nothing(tiny_tokenizer):
     lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "She has 8 apples now."]
     _, selection, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5, 0.5, 0.5])
-    assert (selection.drop == 0).all() and selection.thresholds["span_surprise_fence"] is None
+    assert (selection.reasons == 0).all() and selection.thresholds["span_surprise_fence"] is None
 
 
 def test_spans_mode_without_spans_is_an_error():
@@ -203,7 +219,7 @@ def test_preset_gives_its_settings_and_keys_set_by_the_user_win():
     spans = XTFConfig(preset="spans")
     assert (spans.mode, spans.drop_ratio) == ("spans", 0.5)
     paper = XTFConfig(preset="paper")
-    assert (paper.mode, paper.drop_ratio, paper.caps.novelty, paper.kn_threshold) == ("union", 0.2, 0.10, 0.95)
+    assert (paper.mode, paper.drop_ratio, paper.caps.novelty, paper.kn_p_threshold) == ("union", 0.2, 0.10, 0.95)
     mine = load_xtf_config({"preset": "spans", "drop_ratio": 0.3, "weights": {"novelty": 0}})
     assert (mine.mode, mine.drop_ratio, mine.weights.novelty, mine.weights.relevance) == ("spans", 0.3, 0.0, 1.0)
     assert set(PRESETS) == {"paper", "spans"}
@@ -238,11 +254,11 @@ def test_score_dataset_in_spans_mode(tiny_model, tiny_tokenizer, cache_dir):
     assert scored.spans is not None and scored.spans.ids.shape == scored.input_ids.shape
     assert scored.selection.thresholds["mode"] == "spans"
     assert scored.selection.thresholds["spans"] == scored.spans.n_spans > 6
-    dropped = scored.selection.drop > 0
+    dropped = scored.selection.reasons > 0
     # only tokens of off-task spans, only trainable ones, each with the span reason bits
     assert scored.selection.span_off_task[scored.spans.ids[dropped]].all()
     assert not (dropped & (~scored.response | scored.protected)).any()
-    assert (scored.selection.drop[dropped] == 4 | SPAN_BIT).all()
+    assert (scored.selection.reasons[dropped] == 4 | SPAN_BIT).all()
 
 
 def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model_dir, tmp_path):
@@ -252,11 +268,10 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     import shutil
     import subprocess
 
-    from xtf_plugin.output import write_output_dir
+    from xtf_plugin.output import attach_texts, read_output_dir, write_output_dir
     from xtf_plugin.pipeline import ScoredDataset
     from xtf_plugin.report.export import write_tokens_jsonl
     from xtf_plugin.report.html import write_html
-    from xtf_plugin.report.load import attach_texts, load_scored_dir
     from xtf_plugin.report.summary import summarize, summary_line
     from xtf_plugin.report.terminal import marked_text
 
@@ -280,7 +295,7 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     assert "masked 1 off-task spans of 6 in 1 examples" in summary_line(summary)
     out = write_output_dir(tmp_path / "scored", scored, summary)
 
-    loaded = attach_texts(load_scored_dir(out))
+    loaded = attach_texts(read_output_dir(out))
     marked = marked_text(loaded, 0)
     assert marked == "".join(lines[:2]) + "[[Blue moon singing quietly tonight.\n]](TR span)" + "".join(lines[3:]) + "<|im_end|>"
     write_tokens_jsonl(loaded, tmp_path / "tokens.jsonl")

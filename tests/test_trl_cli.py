@@ -26,7 +26,7 @@ def run_xtf_sft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("config", "model", "extra"),
     [
-        ("trl-cpu.yaml", "tiny_model_dir", ["--xtf", "drop_ratio=0.3"]),
+        ("trl-cpu.yaml", "tiny_model_dir", ["--xtf", '{"preset": "paper", "drop_ratio": 0.3}']),
         # QLoRA: the 4-bit nf4 model (bitsandbytes' CPU kernel) scores with its adapter disabled, then trains
         ("trl-qlora.yaml", "model64_dir", ["--max_length", "256"]),
     ],
@@ -46,8 +46,9 @@ def test_xtf_sft_trains_with_the_example_configs(config, model, extra, request, 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--xtf", "drop_ratio=2"], "xtf.drop_ratio"),
-        (["--xtf", "bogus=1"], "xtf.bogus: unknown key"),
+        (["--xtf", '{"drop_ratio": 2}'], "xtf.drop_ratio"),
+        (["--xtf", '{"bogus": 1}'], "xtf.bogus: unknown key"),
+        (["--xtf", "drop_ratio=0.1"], "xtf: 'drop_ratio=0.1' is neither a JSON object nor a YAML file"),
     ],
 )
 def test_bad_xtf_setting_fails_before_training(tmp_path, extra, message):

@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from xtf_plugin.integrations.trl import XTFCallback, XTFSFTTrainer
+from xtf_plugin.integrations.trl import XTFCallback, XTFSFTConfig, XTFSFTTrainer
 
 XTF = {"drop_ratio": 0.4, "mode": "weighted"}
 
@@ -20,7 +20,8 @@ def prompt_completion(n: int) -> Dataset:
     return Dataset.from_list([{"prompt": r["question"] + "\n", "completion": r["answer"]} for r in rows])
 
 
-def sft_config(tmp_path, **overrides) -> SFTConfig:
+def sft_config(tmp_path, xtf=None, **overrides) -> SFTConfig:
+    """TRL's `SFTConfig`, or with `xtf` settings an `XTFSFTConfig`."""
     settings = dict(
         output_dir=str(tmp_path / "run"),
         max_steps=3,
@@ -35,7 +36,7 @@ def sft_config(tmp_path, **overrides) -> SFTConfig:
         seed=0,
     )
     settings.update(overrides)
-    return SFTConfig(**settings)
+    return SFTConfig(**settings) if xtf is None else XTFSFTConfig(**settings, xtf=xtf)
 
 
 class Recording:
@@ -76,9 +77,8 @@ def test_xtf_sft_trainer_masks_labels(tiny_model_dir, tmp_path, cache_dir, packi
     trainer = recording.wrap(XTFSFTTrainer)(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-        args=sft_config(tmp_path, packing=packing),
+        args=sft_config(tmp_path, packing=packing, xtf=XTF),
         train_dataset=prompt_completion(8),
-        xtf_config=XTF,
     )
     result = trainer.xtf_result
     assert result is not None and result.summary["dropped_tokens"] > 0
@@ -156,9 +156,9 @@ def test_gradient_accumulation_is_normalised_over_kept_tokens(tiny_model_dir, tm
                 optim="sgd",
                 learning_rate=1.0,
                 lr_scheduler_type="constant",
+                xtf=XTF,
             ),
             train_dataset=prompt_completion(4),
-            xtf_config=XTF,
         )
         trainer.train()
         weights.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
@@ -177,10 +177,9 @@ def test_xtf_sft_trainer_scores_a_4bit_qlora_model_with_its_base_weights(model64
     trainer = XTFSFTTrainer(
         model=model,
         processing_class=AutoTokenizer.from_pretrained(model64_dir),
-        args=sft_config(tmp_path, max_steps=2),
+        args=sft_config(tmp_path, max_steps=2, xtf=XTF),
         train_dataset=prompt_completion(6),
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-        xtf_config=XTF,
     )
     assert type(trainer.model.get_decoder().layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     result = trainer.xtf_result
@@ -217,9 +216,8 @@ def test_soft_mode_weights_each_token_loss(tiny_model_dir, tmp_path, cache_dir):
     trainer = recording.wrap(XTFSFTTrainer)(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-        args=sft_config(tmp_path, max_steps=1, per_device_train_batch_size=4),
+        args=sft_config(tmp_path, max_steps=1, per_device_train_batch_size=4, xtf={"mode": "weighted", "soft": True}),
         train_dataset=prompt_completion(4),
-        xtf_config={"mode": "weighted", "soft": True},
     )
     scored = trainer.xtf_result.scored
     row = trainer.train_dataset[0]
@@ -250,7 +248,6 @@ def test_soft_mode_weights_each_token_loss(tiny_model_dir, tmp_path, cache_dir):
         XTFSFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-            args=sft_config(tmp_path / "packed", packing=True),
+            args=sft_config(tmp_path / "packed", packing=True, xtf={"mode": "weighted", "soft": True}),
             train_dataset=prompt_completion(4),
-            xtf_config={"mode": "weighted", "soft": True},
         )

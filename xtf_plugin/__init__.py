@@ -12,9 +12,10 @@ from typing import Any
 from xtf_plugin.config import XTFConfig
 
 __version__ = "0.1.0"
-__all__ = ["XTFCallback", "XTFConfig", "XTFPlugin", "XTFSFTTrainer", "__version__"]
+__all__ = ["XTFCallback", "XTFConfig", "XTFPlugin", "XTFSFTConfig", "XTFSFTTrainer", "__version__"]
 
 _LAZY = {
+    "XTFSFTConfig": "xtf_plugin.integrations.trl",
     "XTFSFTTrainer": "xtf_plugin.integrations.trl",
     "XTFCallback": "xtf_plugin.integrations.trl",
     "XTFPlugin": "xtf_plugin.integrations.axolotl",

@@ -2,7 +2,7 @@
 
     xtf score --model PATH_OR_NAME --data FILE_OR_DATASET --out DIR [--format ...] [--config xtf.yaml]
               [--set key=value ...] [--overwrite]
-    xtf sft --config cfg.yaml [trl sft flags ...] [--xtf KEY=VALUE ...]
+    xtf sft --config cfg.yaml [trl sft flags ...] [--xtf '{"drop_ratio": 0.1}' | --xtf xtf.yaml]
     xtf report DIR [--html report.html] [--tokens tokens.jsonl] [--examples N] [--model PATH_OR_NAME]
     xtf demo-model [--out DIR]
 
@@ -19,62 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from xtf_plugin.errors import XTFError
 
 logger = logging.getLogger("xtf_plugin")
-
-
-def parse_set_option(item: str) -> tuple[list[str], Any]:
-    """`weights.novelty=0` -> (['weights', 'novelty'], 0); the value is parsed as YAML."""
-    if "=" not in item:
-        raise XTFError(f"--set {item}: expected key=value, e.g. --set drop_ratio=0.1")
-    key, raw = item.split("=", 1)
-    if not key.strip():
-        raise XTFError(f"--set {item}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def read_yaml_mapping(config_file: str, what: str = "settings") -> dict[str, Any]:
-    """A YAML file that must hold a mapping; one-line errors name the file (and the line of a syntax error)."""
-    path = Path(config_file)
-    if not path.is_file():
-        raise XTFError(f"--config {config_file}: no such file")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise XTFError(f"{config_file}{line}: invalid YAML") from None
-    if not isinstance(loaded, dict):
-        raise XTFError(f"{config_file}: expected a mapping of {what}")
-    return loaded
-
-
-def build_config(config_file: str | None, overrides: list[str]) -> Any:
-    """`XTFConfig` from an optional YAML file (its `xtf:` block, or the whole file) plus `--set` overrides."""
-    from xtf_plugin.config import load_xtf_config
-
-    data: dict[str, Any] = {}
-    source = "xtf"
-    if config_file:
-        loaded = read_yaml_mapping(config_file, "xtf settings")
-        data = dict(loaded.get("xtf", loaded) or {})
-        source = f"{config_file}: xtf"
-    for item in overrides:
-        keys, value = parse_set_option(item)
-        node = data
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise XTFError(f"--set {item}: {part} is not a mapping")
-        node[keys[-1]] = value
-    return load_xtf_config(data, source=source)
 
 
 def _resolve_data(source: str) -> str:
@@ -85,11 +32,12 @@ def _resolve_data(source: str) -> str:
 
 def command_score(args: argparse.Namespace) -> int:
     """`xtf score`: tokenise, score, select, write the output folder, print the summary."""
+    from xtf_plugin.config import load_xtf_config_file
     from xtf_plugin.data import read_records, resolve_format
-    from xtf_plugin.loading import check_model_path
+    from xtf_plugin.models import check_model_path
     from xtf_plugin.output import check_output_dir
 
-    config = build_config(args.config, args.set or [])
+    config = load_xtf_config_file(args.config, args.set or [])
     out_dir = Path(args.out)
     check_output_dir(out_dir, args.overwrite)
     # Bad data is reported before torch and transformers are imported (seconds) or a model is loaded.
@@ -119,8 +67,8 @@ def _score_and_write(
     data_format: str,
 ) -> int:
     from xtf_plugin.data import tokenize_records
-    from xtf_plugin.distributed import world
-    from xtf_plugin.loading import load_model, load_tokenizer
+    from xtf_plugin.distributed import is_main_process
+    from xtf_plugin.models import load_model, load_tokenizer
     from xtf_plugin.output import write_output_dir
     from xtf_plugin.pipeline import score_dataset
     from xtf_plugin.report.summary import render_summary, summarize
@@ -128,7 +76,7 @@ def _score_and_write(
     tokenizer = load_tokenizer(args.model)
     data = tokenize_records(records, tokenizer, data_format, config.max_length, source=args.data)
     model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device or rank_device)
-    main_rank = world()[1] == 0
+    main_rank = is_main_process()
     scored = score_dataset(model, tokenizer, data, config, progress=main_rank and not args.quiet, use_cache=not args.no_cache)
     if not main_rank:
         return 0
@@ -143,9 +91,9 @@ def _score_and_write(
 
 def command_report(args: argparse.Namespace) -> int:
     """`xtf report`: explain a scored folder: HTML report, per-token JSONL, or terminal summary and examples."""
-    from xtf_plugin.report.load import attach_texts, load_scored_dir
+    from xtf_plugin.output import attach_texts, read_output_dir
 
-    scored = load_scored_dir(args.dir)
+    scored = read_output_dir(args.dir)
     if args.examples < 0:
         raise XTFError(f"--examples {args.examples}: expected a count >= 0")
     if args.page_size < 1:
@@ -228,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = commands.add_parser(
         "sft",
-        help="trl sft with XTF: every trl sft flag and YAML key, plus an xtf: block and --xtf KEY=VALUE",
+        help="trl sft with XTF: every trl sft flag and YAML key, plus an xtf: block or --xtf JSON|YAML",
         add_help=False,
     )
     sft.set_defaults(handler=command_sft)

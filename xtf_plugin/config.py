@@ -6,17 +6,20 @@ matters for the score cache:
 
 * scorer settings (`ri_layers`, `ri_exclude_sink`, `tr_*`, `max_length`) change what the model computes;
   changing one re-runs the model;
-* selection settings (`preset`, `mode`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_threshold`, `ri_fence_k`,
+* selection settings (`preset`, `mode`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_p_threshold`, `ri_fence_k`,
   `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `protect`) only change which scored tokens are masked; changing
   them never re-runs the model.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xtf_plugin.errors import XTFError
@@ -116,7 +119,7 @@ class XTFConfig(_Strict):
         "(in [0, 1]) instead of dropping tokens; not with packing or padding-free batches.",
     )
     caps: AttributeCaps = Field(default_factory=AttributeCaps, description="Union mode per-attribute caps.")
-    kn_threshold: float = Field(
+    kn_p_threshold: float = Field(
         0.95, gt=0, le=1, description="KN: a token lacks novelty when the model's p(token) exceeds this."
     )
     ri_fence_k: float = Field(
@@ -213,7 +216,7 @@ class XTFConfig(_Strict):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
         return patterns
 
     @field_validator("tr_domain_words")
@@ -286,7 +289,7 @@ class XTFConfig(_Strict):
         return base / "xtf_plugin" / "scores"
 
 
-class XTFConfigError(XTFError, ValueError):
+class XTFConfigError(XTFError):
     """A bad `xtf:` setting; the message is one line naming the key."""
 
 
@@ -331,9 +334,92 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def load_xtf_config(data: dict[str, Any] | None, source: str = "xtf") -> XTFConfig:
+def load_xtf_config(data: Mapping[str, Any] | None, source: str = "xtf") -> XTFConfig:
     """Validate a mapping into an `XTFConfig`, raising `XTFConfigError` with a one-line message."""
     try:
-        return XTFConfig.model_validate(data or {})
+        return XTFConfig.model_validate(dict(data or {}))
     except ValidationError as error:
-        raise XTFConfigError(format_validation_error(error, prefix=source)) from None
+        raise XTFConfigError(format_validation_error(error, prefix=source)) from error
+
+
+def to_xtf_config(value: XTFConfig | Mapping[str, Any] | str | None, source: str = "xtf") -> XTFConfig:
+    """The one reading of a user's `xtf` value, wherever it comes from.
+
+    Args:
+        value: an `XTFConfig`; a mapping of `xtf:` keys (a YAML block, axolotl's `DictDefault`); a JSON object
+            as a string (`--xtf '{"drop_ratio": 0.1}'`); the path of a YAML file (its `xtf:` block, or the
+            whole file); None for the defaults.
+        source: how an error names where the value came from.
+    """
+    if isinstance(value, XTFConfig):
+        return value
+    if value is None:
+        return XTFConfig()
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise XTFConfigError(f"{source}: not a JSON object ({error.msg}, column {error.colno})") from error
+            return load_xtf_config(parsed, source=source)
+        if not Path(text).expanduser().is_file():
+            raise XTFConfigError(
+                f"{source}: {text!r} is neither a JSON object nor a YAML file (e.g. '{{\"drop_ratio\": 0.1}}')"
+            )
+        return load_xtf_config_file(Path(text).expanduser())
+    if hasattr(value, "to_dict"):  # axolotl's DictDefault (None values already dropped)
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise XTFConfigError(f"{source}: expected a mapping of xtf settings, got {type(value).__name__}")
+    return load_xtf_config(value, source=source)
+
+
+def read_yaml_mapping(config_file: str | Path, what: str = "settings") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; one-line errors name the file (and the line of a syntax error)."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise XTFError(f"{config_file}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise XTFError(f"{config_file}{line}: invalid YAML") from error
+    if not isinstance(loaded, dict):
+        raise XTFError(f"{config_file}: expected a mapping of {what}")
+    return loaded
+
+
+def parse_set_option(item: str) -> tuple[list[str], Any]:
+    """`weights.novelty=0` -> (['weights', 'novelty'], 0); the value is parsed as YAML."""
+    if "=" not in item:
+        raise XTFError(f"--set {item}: expected key=value, e.g. --set drop_ratio=0.1")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise XTFError(f"--set {item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_xtf_config_file(config_file: str | Path | None, overrides: Sequence[str] = ()) -> XTFConfig:
+    """`XTFConfig` from an optional YAML file (its `xtf:` block, or the whole file) plus dotted `key=value`
+    overrides (`xtf score --set`)."""
+    data: dict[str, Any] = {}
+    source = "xtf"
+    if config_file:
+        loaded = read_yaml_mapping(config_file, "xtf settings")
+        data = dict(loaded.get("xtf", loaded) or {})
+        source = f"{config_file}: xtf"
+    for item in overrides:
+        keys, value = parse_set_option(item)
+        node = data
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise XTFError(f"--set {item}: {part} is not a mapping")
+        node[keys[-1]] = value
+    return load_xtf_config(data, source=source)

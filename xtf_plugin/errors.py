@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-class XTFError(Exception):
+class XTFError(ValueError):
     """A problem with the user's input or environment; the message is one line naming the key, file or line."""
 
 

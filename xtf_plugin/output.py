@@ -6,7 +6,8 @@ token has no score) and `xtf_drop` (reason bits: 1 = RI, 2 = KN, 4 = TR; 8 = mas
 pre-tokenised dataset as it is.
 
 The folder is written next to its destination under a temporary name and renamed into place, so an
-interrupted run never leaves half an output.
+interrupted run never leaves half an output. `read_output_dir` reads it back into flat arrays (example `i` owns
+positions `offsets[i]:offsets[i + 1]`, as in `TokenScores`) for `xtf report`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,17 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "xtf_config.yaml"
 
 
-def _list_column(values: np.ndarray, offsets: np.ndarray):  # type: ignore[no-untyped-def]
+def list_array(values: np.ndarray, offsets: np.ndarray, arrow_type: Any = None):  # type: ignore[no-untyped-def]
+    """An Arrow list column from flat values `[n_tokens]` and offsets `[n_rows + 1]` (see `TokenScores`),
+    without Python lists; `arrow_type` (e.g. the column type it replaces) sets the list and value types."""
     import pyarrow as pa
 
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+    if arrow_type is None:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+    flat = pa.array(values, type=arrow_type.value_type)
+    if pa.types.is_large_list(arrow_type):
+        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), flat)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat)
 
 
 def scored_table(scored: Any):  # type: ignore[no-untyped-def]
@@ -41,13 +50,13 @@ def scored_table(scored: Any):  # type: ignore[no-untyped-def]
     offsets = scored.offsets
     return pa.table(
         {
-            "input_ids": _list_column(scored.input_ids.astype(np.int64), offsets),
-            "attention_mask": _list_column(np.ones(len(scored.input_ids), np.int8), offsets),
-            "labels": _list_column(scored.filtered_labels, offsets),
-            "xtf_ri": _list_column(scored.scores.ri, offsets),
-            "xtf_kn": _list_column(scored.scores.kn, offsets),
-            "xtf_tr": _list_column(scored.scores.tr, offsets),
-            "xtf_drop": _list_column(scored.selection.drop.astype(np.int8), offsets),
+            "input_ids": list_array(scored.input_ids.astype(np.int64), offsets),
+            "attention_mask": list_array(np.ones(len(scored.input_ids), np.int8), offsets),
+            "labels": list_array(scored.filtered_labels, offsets),
+            "xtf_ri": list_array(scored.scores.ri, offsets),
+            "xtf_kn": list_array(scored.scores.kn, offsets),
+            "xtf_tr": list_array(scored.scores.tr, offsets),
+            "xtf_drop": list_array(scored.selection.reasons.astype(np.int8), offsets),
         }
     )
 
@@ -80,3 +89,116 @@ def write_output_dir(out_dir: Path, scored: Any, summary: dict[str, Any], overwr
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+@dataclass
+class ScoredDir:
+    """The contents of a scored folder, flat: example `i` owns positions `offsets[i]:offsets[i + 1]`."""
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    ri: np.ndarray
+    kn: np.ndarray
+    tr: np.ndarray
+    reasons: np.ndarray
+    texts: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def n_examples(self) -> int:
+        """Number of examples."""
+        return len(self.offsets) - 1
+
+    @property
+    def response(self) -> np.ndarray:
+        """bool `[n_tokens]`: tokens trained before XTF (still trained, or masked by XTF)."""
+        return (self.labels != -100) | (self.reasons > 0)
+
+    def example_slice(self, index: int) -> slice:
+        """Positions of example `index` in the flat arrays."""
+        return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+
+def _flat(table: Any, column: str, dtype: Any) -> np.ndarray:
+    chunked = table.column(column)
+    values = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunked.chunks]
+    return np.concatenate(values).astype(dtype) if values else np.zeros(0, dtype)
+
+
+def read_output_dir(directory: str | Path) -> ScoredDir:
+    """Read `train.parquet`, `summary.json` and `xtf_config.yaml` of an `xtf score` output folder."""
+    import pyarrow.parquet as pq
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise XTFError(f"{directory}: no such folder")
+    if not (path / TRAIN_FILE).is_file():
+        raise XTFError(f"{directory}: no {TRAIN_FILE}; expected the output folder of `xtf score`")
+    table = pq.read_table(path / TRAIN_FILE)
+    required = ("input_ids", "labels", "xtf_ri", "xtf_kn", "xtf_tr", "xtf_drop")
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise XTFError(f"{path / TRAIN_FILE}: missing column(s) {', '.join(missing)}; expected the output of `xtf score`")
+    lengths = np.array(table.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False), np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    summary: dict[str, Any] = {}
+    if (path / SUMMARY_FILE).is_file():
+        try:
+            summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise XTFError(f"{path / SUMMARY_FILE}: invalid JSON") from error
+    config: dict[str, Any] = {}
+    if (path / CONFIG_FILE).is_file():
+        loaded = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+        config = dict(loaded.get("xtf", loaded)) if isinstance(loaded, dict) else {}
+    return ScoredDir(
+        path=path,
+        summary=summary,
+        config=config,
+        input_ids=_flat(table, "input_ids", np.int64),
+        labels=_flat(table, "labels", np.int64),
+        offsets=offsets,
+        ri=_flat(table, "xtf_ri", np.float32),
+        kn=_flat(table, "xtf_kn", np.float32),
+        tr=_flat(table, "xtf_tr", np.float32),
+        reasons=_flat(table, "xtf_drop", np.uint8),
+    )
+
+
+def attach_texts(scored: ScoredDir, model: str | None = None) -> ScoredDir:
+    """Decode each distinct token id once with the tokenizer of `model` (default: the `model` recorded in
+    `summary.json`; `demo` resolves to the demo model)."""
+    from xtf_plugin.models import load_tokenizer
+    from xtf_plugin.tokens import TokenTexts
+
+    name = model or scored.summary.get("model")
+    if not name:
+        raise XTFError(f"{scored.path}: summary.json names no model; pass --model PATH")
+    texts = TokenTexts(load_tokenizer(str(name)))
+    ids = np.unique(scored.input_ids).tolist()
+    texts.prepare(ids)
+    scored.texts = {int(t): texts[t] for t in ids}
+    return scored
+
+
+def scored_dir_from_dataset(scored: Any, summary: dict[str, Any], path: str | Path = ".") -> ScoredDir:
+    """A `ScoredDir` straight from a freshly scored `ScoredDataset` (as the trainers hold it), texts included,
+    so a report can be written without going through the parquet."""
+    ids = np.unique(scored.input_ids).tolist()
+    scored.texts.prepare(ids)
+    return ScoredDir(
+        path=Path(path),
+        summary=summary,
+        config=scored.config.model_dump(mode="json"),
+        input_ids=scored.input_ids,
+        labels=scored.filtered_labels,
+        offsets=scored.offsets,
+        ri=scored.scores.ri,
+        kn=scored.scores.kn,
+        tr=scored.scores.tr,
+        reasons=scored.selection.reasons,
+        texts={int(t): scored.texts[t] for t in ids},
+    )

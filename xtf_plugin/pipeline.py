@@ -19,13 +19,13 @@ import torch
 from xtf_plugin.cache import ScoreCache, data_fingerprint, model_fingerprint, stable_hash, tokenizer_fingerprint
 from xtf_plugin.config import XTFConfig
 from xtf_plugin.data import TokenizedData
-from xtf_plugin.distributed import all_gather, world
+from xtf_plugin.distributed import all_gather, is_main_process, rank, world_size
 from xtf_plugin.errors import XTFError
-from xtf_plugin.scores import TokenScores, flatten
 from xtf_plugin.scoring.engine import SCORER_VERSION, ScoringStats, batch_plan, score_forward
 from xtf_plugin.scoring.relevance import domain_token_groups, frequent_content_words, relevance_table
 from xtf_plugin.selection import Selection, apply_selection, select_tokens
 from xtf_plugin.spans import Spans, find_spans
+from xtf_plugin.token_scores import TokenScores, flatten
 from xtf_plugin.tokens import TokenTexts, protected_mask, special_token_ids
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _forward_scores(
     cached everywhere, split the batches of each other shard between them, and gather the shard's scores,
     so every rank returns the same scores and rank 0 writes the cache.
     """
-    size, rank = world()
+    size, this_rank = world_size(), rank()
     settings = config.scorer_settings()
     starts = range(0, len(data), SHARD_EXAMPLES)
     keys: list[str] = []
@@ -177,8 +177,8 @@ def _forward_scores(
             continue
         ids = data.input_ids[start : start + SHARD_EXAMPLES]
         labels = data.labels[start : start + SHARD_EXAMPLES]
-        part = _score_shard(model, ids, labels, start, config, progress, stats, size, rank)
-        if cache is not None and rank == 0:
+        part = _score_shard(model, ids, labels, start, config, progress, stats, size, this_rank)
+        if cache is not None and this_rank == 0:
             cache.save("forward", key, {"offsets": part.offsets, "ri": part.ri, "kn": part.kn, "tr": part.tr})
         parts.append(part)
     return (TokenScores.concatenate(parts) if parts else TokenScores.empty([])), int(cached_everywhere.sum())
@@ -249,7 +249,7 @@ def _fill_vector_relevance(
         with torch.no_grad():
             table = relevance_table(model, distinct, groups, config.tr_space, config.tr_center)
         entry = {"ids": distinct, "tr": np.array([table[int(t)] for t in distinct], np.float32)}
-        if cache is not None and world()[1] == 0:  # every rank computed the same table; one writes it
+        if cache is not None and is_main_process():  # every rank computed the same table; one writes it
             cache.save("relevance", key, entry)
     lookup = np.searchsorted(entry["ids"], input_ids[response])
     scores.tr[response] = entry["tr"][lookup]

@@ -6,7 +6,7 @@ Pure functions over numpy arrays: no model, no tokenizer. Every array is flat ov
 
 Union mode (the paper, with the official code's caps):
   * RI lacks when the score is below the example's Tukey fence `Q1 - ri_fence_k * IQR`;
-  * KN lacks when `p(token) > kn_threshold`, i.e. `kn < 1 - kn_threshold`;
+  * KN lacks when `p(token) > kn_p_threshold`, i.e. `kn < 1 - kn_p_threshold`;
   * TR lacks when the token falls in one of `tr_mask_classes` of a Multi-Otsu fit to the TR scores of all
     response tokens of the dataset;
   * each attribute masks at most `floor(cap * n)` of an example's `n` response tokens (the most lacking
@@ -30,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from xtf_plugin.config import ATTRIBUTES, REASON_BITS, XTFConfig
-from xtf_plugin.scores import TokenScores
 from xtf_plugin.spans import Spans
+from xtf_plugin.token_scores import TokenScores
 
 PHRASE_SHARE = 2 / 3
 """Spans mode: an off-task span whose most surprising phrase holds less than this share of its word tokens has
 only that phrase masked."""
+
+FENCE_ITERATIONS = 20
+"""Spans mode: at most this many recomputations of the surprise fence over the spans below it."""
 
 SPAN_BIT = 8
 """Reason bit added to the attribute's bit when a token was masked as part of an off-task span."""
@@ -50,7 +53,7 @@ class Selection:
     """Which tokens are masked.
 
     Attributes:
-        drop: uint8 `[n_tokens]`, reason bits of masked tokens (1 = RI, 2 = KN, 4 = TR); 0 = kept.
+        reasons: uint8 `[n_tokens]`, reason bits of masked tokens (1 = RI, 2 = KN, 4 = TR); 0 = kept.
         flagged: uint8 `[n_tokens]`, reason bits of every failed test, before caps and ceiling.
         combined: float32 `[n_tokens]`, weighted mode's combined score in [0, 1] (NaN elsewhere).
         thresholds: the thresholds actually used (JSON-serialisable), for the summary and report.
@@ -58,7 +61,7 @@ class Selection:
         span_off_task: spans mode: bool `[n_spans]`, spans judged off-task (before the per-example ceiling).
     """
 
-    drop: np.ndarray
+    reasons: np.ndarray
     flagged: np.ndarray
     combined: np.ndarray
     thresholds: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +71,7 @@ class Selection:
     @property
     def keep(self) -> np.ndarray:
         """bool `[n_tokens]`: True where the token is not masked by XTF."""
-        return self.drop == 0
+        return self.reasons == 0
 
 
 def select_tokens(
@@ -83,7 +86,7 @@ def select_tokens(
         config: the selection settings.
         spans: the responses' spans (`spans.find_spans`); needed by `mode: spans`.
     Returns:
-        A `Selection`; `drop` is non-zero only where `response & ~protected`.
+        A `Selection`; `reasons` is non-zero only where `response & ~protected`.
     """
     response = np.asarray(response, dtype=bool)
     protected = np.asarray(protected, dtype=bool) & response
@@ -159,7 +162,7 @@ def _select_union(scores: TokenScores, response: np.ndarray, protected: np.ndarr
     enabled = config.weights.enabled()
     flagged = np.zeros(n, np.uint8)
     capped = np.zeros(n, np.uint8)
-    thresholds: dict[str, Any] = {"mode": "union", "kn_p_threshold": config.kn_threshold}
+    thresholds: dict[str, Any] = {"mode": "union", "kn_p_threshold": config.kn_p_threshold}
 
     tr_classes_lacking = np.zeros(n, bool)
     if enabled["relevance"]:
@@ -189,7 +192,7 @@ def _select_union(scores: TokenScores, response: np.ndarray, protected: np.ndarr
                 lacking["reasoning"] = candidate & finite & (ri < fence)
         if enabled["novelty"]:
             kn = scores.kn[part]
-            lacking["novelty"] = candidate & np.isfinite(kn) & (kn < 1.0 - config.kn_threshold)
+            lacking["novelty"] = candidate & np.isfinite(kn) & (kn < 1.0 - config.kn_p_threshold)
         if enabled["relevance"]:
             lacking["relevance"] = candidate & tr_classes_lacking[part]
         for name, mask in lacking.items():
@@ -351,14 +354,30 @@ def surprise(kn: np.ndarray) -> np.ndarray:
 
 
 def robust_fence(values: np.ndarray, k: float) -> tuple[float, float, float]:
-    """Upper fence `median + k * 1.4826 * MAD` of the finite values: (fence, median, scale). The MAD ignores
-    up to half of the values being outliers, so a dataset full of noise does not hide it."""
+    """Upper fence `median + k * 1.4826 * MAD` of the finite values: (fence, median, scale).
+
+    The MAD ignores up to half of the values being outliers, but noise that makes up a large share of the
+    values still widens it (two noise lines in a five-line response are 40% of the spans), so the fence is
+    computed again over the values below it until it settles: values far above the clean ones stop counting
+    towards the scale. On clean data the first fence already holds nearly every value and moves little.
+    """
     values = values[np.isfinite(values)]
     if values.size == 0:
         return math.inf, math.nan, math.nan
     median = float(np.median(values))
     scale = 1.4826 * float(np.median(np.abs(values - median)))
-    return (median + k * scale if scale > 0 else math.inf), median, scale
+    if scale == 0:
+        return math.inf, median, scale
+    fence = median + k * scale
+    for _ in range(FENCE_ITERATIONS):
+        kept = values[values <= fence]
+        kept_median = float(np.median(kept))
+        kept_scale = 1.4826 * float(np.median(np.abs(kept - kept_median)))
+        # values all alike below the fence leave no scale to judge by: the last fence stands
+        if kept_scale == 0 or kept_median + k * kept_scale == fence:
+            break
+        median, scale, fence = kept_median, kept_scale, kept_median + k * kept_scale
+    return fence, median, scale
 
 
 def _select_spans(
@@ -439,7 +458,7 @@ def _ensure_trainable(
         resp = response[part]
         if not resp.any():
             continue
-        drop = selection.drop[part]
+        drop = selection.reasons[part]
         if (resp & (drop == 0)).any():
             continue
         if config.mode == "weighted":
@@ -453,4 +472,4 @@ def _ensure_trainable(
 
 def apply_selection(labels: np.ndarray, selection: Selection) -> np.ndarray:
     """int64 `[n_tokens]`: `labels` with every masked token set to -100."""
-    return np.where(selection.drop > 0, -100, labels).astype(np.int64)
+    return np.where(selection.reasons > 0, -100, labels).astype(np.int64)

@@ -6,10 +6,12 @@ or after sentence punctuation (`.`, `!`, `?`) when the next token starts with wh
 than `MIN_CONTENT_TOKENS` word tokens (`Mr.`, `1.`, a lone `Hence,`) is joined to the next span of its line,
 so abbreviations and list markers do not become spans of their own.
 
-A span is a *template* when its shape (the text with digit runs replaced by `0`, case and spacing folded)
-recurs in at least `max(TEMPLATE_MIN_EXAMPLES, TEMPLATE_MIN_SHARE * n_examples)` responses with more than one
-text: answer lines (`The answer is 20.`, `#### 20`), equation lines (`30 - 2 = 28.`). Templates carry the
-task's format and its results, and spans selection never masks them. A sentence repeated word for word is
+A span is a *template* when its shape (the text with digit runs replaced by `0`, words copied from the prompt
+or from earlier in the response replaced by `_`, case and spacing folded) recurs in at least
+`max(TEMPLATE_MIN_EXAMPLES, TEMPLATE_MIN_SHARE * n_examples)` responses with more than one text: answer lines
+(`The answer is 20.`, `#### 20`, `Answer: Porto; 1971`), equation lines (`30 - 2 = 28.`), sentences that restate
+the question in a fixed wording. Templates carry the task's format and its results, and spans selection never
+masks them. A sentence repeated word for word is
 not a template: it has no slot for the example's content, which is what boilerplate looks like.
 """
 
@@ -31,6 +33,7 @@ TEMPLATE_MIN_SHARE = 0.01
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s*$")
 _WORD = re.compile(r"\w")
+_LETTERS = re.compile(r"[^\W\d_]+")
 
 
 @dataclass
@@ -126,7 +129,30 @@ def find_spans(
     order = order[ids[order] >= 0]
     bounds = np.searchsorted(ids[order], np.arange(n_spans + 1))
     span_texts = ["".join(token_texts[j] for j in order[bounds[k] : bounds[k + 1]]) for k in range(n_spans)]
-    return Spans(ids.astype(np.int64), example, _templates(span_texts, example, n_examples), content, span_texts)
+    context = np.flatnonzero(~np.asarray(response, bool) & ~special)
+    context_example = np.searchsorted(offsets, context, side="right") - 1
+    context_bounds = np.searchsorted(context_example, np.arange(n_examples + 1))
+    prompts = ["".join(token_texts[j] for j in context[context_bounds[e] : context_bounds[e + 1]])
+               for e in range(n_examples)]
+    shapes = _copy_folded_shapes(span_texts, example, prompts)
+    return Spans(ids.astype(np.int64), example, _templates(shapes, span_texts, example, n_examples), content,
+                 span_texts)
+
+
+def _copy_folded_shapes(span_texts: list[str], example: np.ndarray, prompts: list[str]) -> list[str]:
+    """`span_shape` of each span with the words it copies folded to `_`: words of its example's prompt or of an
+    earlier span of the same response. `Answer: chemist; 1982` and `Answer: Porto; 1971` then share one shape,
+    as `The answer is 20.` and `The answer is 7.` do."""
+    shapes = []
+    seen: set[str] = set()
+    previous = -1
+    for text, e in zip(span_texts, example.tolist(), strict=True):
+        if e != previous:
+            seen, previous = set(_LETTERS.findall(prompts[e].lower())), e
+        shape = span_shape(text)
+        shapes.append(_LETTERS.sub(lambda m, seen=seen: "_" if m.group(0) in seen else m.group(0), shape))
+        seen.update(_LETTERS.findall(shape))
+    return shapes
 
 
 def _join_short(example: np.ndarray, content: np.ndarray, line_end: np.ndarray) -> np.ndarray:
@@ -162,11 +188,10 @@ def _join_short(example: np.ndarray, content: np.ndarray, line_end: np.ndarray) 
     return out
 
 
-def _templates(span_texts: list[str], example: np.ndarray, n_examples: int) -> np.ndarray:
+def _templates(shapes: list[str], span_texts: list[str], example: np.ndarray, n_examples: int) -> np.ndarray:
     """bool `[n_spans]`: the span's shape occurs in enough responses to be the task's format."""
     holders: dict[str, set[int]] = defaultdict(set)
     variants: dict[str, set[str]] = defaultdict(set)
-    shapes = [span_shape(text) for text in span_texts]
     for shape, text, e in zip(shapes, span_texts, example.tolist(), strict=True):
         holders[shape].add(e)
         if len(variants[shape]) < 2:

@@ -13,11 +13,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from xtf_plugin.config import ATTRIBUTES, XTFConfig
 from xtf_plugin.data import TokenizedData
+from xtf_plugin.distributed import is_main_process
+from xtf_plugin.output import list_array
 from xtf_plugin.pipeline import ScoredDataset, score_dataset
 from xtf_plugin.report.summary import summarize, summary_line
+from xtf_plugin.token_scores import flatten
 
 logger = logging.getLogger("xtf_plugin")
 
@@ -59,6 +63,29 @@ class MaskedExamples:
         return xtf_log_metrics(self.summary)
 
 
+class XTFLogCallback(TrainerCallback):
+    """Adds `xtf/kept_fraction` and `xtf/dropped_<attribute>` to every training log (the ones with `loss`).
+
+    Callbacks share one `logs` dict and run in list order, so reporting integrations (W&B, TensorBoard, MLflow,
+    the console printer) see the entries only when this callback runs before them (the axolotl plugin moves it
+    to the front of the list).
+
+    Args:
+        metrics: the entries to add (the same for the whole run: the mask is fixed before training).
+    """
+
+    def __init__(self, metrics: dict[str, float] | None = None) -> None:
+        self.metrics = dict(metrics or {})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs is not None and self.metrics and "loss" in logs:
+            logs.update(self.metrics)
+            # the trainer appended a copy of `logs` to the history before calling the callbacks
+            if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+                state.log_history[-1].update(self.metrics)
+        return control
+
+
 def xtf_log_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """Trainer log entries from a summary."""
     metrics = {"xtf/kept_fraction": float(summary["kept_fraction"])}
@@ -95,7 +122,7 @@ def mask_examples(
         finally:
             scorer.train(was_training)
     summary = summarize(scored)
-    if _is_main_process():
+    if is_main_process():
         print(summary_line(summary), file=sys.stderr, flush=True)
     else:
         # each rank reports its own share of the forward passes (the summary line is the main process's)
@@ -106,6 +133,22 @@ def mask_examples(
             flush=True,
         )
     return MaskedExamples(scored.per_example(scored.filtered_labels), scored, summary)
+
+
+def with_column(dataset: Any, name: str, rows: Sequence[np.ndarray]) -> Any:
+    """A `datasets.Dataset` with column `name` set to `rows` (one array per row; replaced if it exists, with
+    its feature type kept), built as one Arrow array instead of Python lists."""
+    from datasets import Sequence as SequenceFeature
+    from datasets import Value
+
+    flat, offsets = flatten(rows, dtype=np.asarray(rows[0]).dtype.type if len(rows) else np.int64)
+    if name in dataset.column_names:
+        feature = dataset.features[name]
+        column = list_array(flat, offsets, dataset.features.arrow_schema.field(name).type)
+        return dataset.remove_columns(name).add_column(name, column, feature=feature)
+    column = list_array(flat, offsets)
+    value = "float32" if flat.dtype.kind == "f" else "int64"
+    return dataset.add_column(name, column, feature=SequenceFeature(Value(value)))
 
 
 def soft_weights(scored: ScoredDataset) -> list[np.ndarray]:
@@ -146,21 +189,17 @@ REPORT_FILE = "xtf_report.html"
 def write_training_report(result: MaskedExamples, output_dir: str | None) -> str | None:
     """Write the HTML report of the training set into the run's output folder (main process only); returns
     its path."""
-    if not output_dir or not _is_main_process():
+    if not output_dir or not is_main_process():
         return None
     from pathlib import Path
 
+    from xtf_plugin.output import scored_dir_from_dataset
     from xtf_plugin.report.html import write_html
-    from xtf_plugin.report.load import scored_dir_from_dataset
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     path = write_html(scored_dir_from_dataset(result.scored, result.summary, output_dir), Path(output_dir) / REPORT_FILE)
     print(f"XTF: report of the training set written to {path}", file=sys.stderr, flush=True)
     return str(path)
-
-
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def split_packed(values: Sequence[int], seq_lengths: Sequence[int]) -> list[list[int]]:

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from xtf_plugin.report.load import ScoredDir
+from xtf_plugin.output import ScoredDir
 from xtf_plugin.report.stats import reason_names
 from xtf_plugin.selection import SPAN_BIT
 
@@ -23,7 +23,7 @@ def write_tokens_jsonl(scored: ScoredDir, path: str | Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [reason_names(b) for b in range(8)]
     ri, kn, tr = scored.ri.tolist(), scored.kn.tolist(), scored.tr.tolist()
-    ids, drop = scored.input_ids.tolist(), scored.drop.tolist()
+    ids, drop = scored.input_ids.tolist(), scored.reasons.tolist()
     rows = 0
     with path.open("w", encoding="utf-8") as handle:
         for i in range(scored.n_examples):

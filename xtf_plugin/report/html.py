@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from xtf_plugin.config import ATTRIBUTES
-from xtf_plugin.report.load import ScoredDir
+from xtf_plugin.output import ScoredDir
 from xtf_plugin.report.stats import SHORT_NAMES, dropped_fractions, per_example_counts, score_histograms
 from xtf_plugin.report.summary import pairwise_overlaps, reason_combinations, reason_counts, top_dropped_tokens
 
@@ -204,9 +204,9 @@ def examples_json(scored: ScoredDir, max_examples: int = DEFAULT_MAX_EXAMPLES) -
     ids = scored.input_ids[response]
     vocab_ids, inverse = np.unique(ids, return_inverse=True)
     vocab = [scored.texts.get(int(t), f"<{int(t)}>") for t in vocab_ids]
-    drop = scored.drop[response].astype(np.int64)
+    drop = scored.reasons[response].astype(np.int64)
     ri, kn, tr = (_numbers(a[response]) for a in (scored.ri, scored.kn, scored.tr))
-    n_response, n_dropped = per_example_counts(scored.offsets, response, scored.drop)
+    n_response, n_dropped = per_example_counts(scored.offsets, response, scored.reasons)
     bounds = np.concatenate([[0], np.cumsum(n_response)])
     several = np.array([bin(b).count("1") > 1 for b in range(8)])[drop & 7]
     rows = []
@@ -224,8 +224,8 @@ def examples_json(scored: ScoredDir, max_examples: int = DEFAULT_MAX_EXAMPLES) -
 
 
 def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
-    """The whole report as one HTML string (token texts must be attached: `load.attach_texts`)."""
-    summary, drop, response = scored.summary, scored.drop, scored.response
+    """The whole report as one HTML string (token texts must be attached: `output.attach_texts`)."""
+    summary, drop, response = scored.summary, scored.reasons, scored.response
     n_response = int(response.sum())
     n_dropped = int((drop > 0).sum())
     counts = reason_counts(drop)

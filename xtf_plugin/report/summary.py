@@ -52,7 +52,7 @@ def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
     selection, spans = scored.selection, scored.spans
     if selection.span_surprise is None or spans is None:
         return None
-    dropped_tokens = (selection.drop & SPAN_BIT) > 0
+    dropped_tokens = (selection.reasons & SPAN_BIT) > 0
     dropped = np.unique(spans.ids[dropped_tokens & (spans.ids >= 0)])
     order = dropped[np.argsort(-selection.span_surprise[dropped], kind="stable")][:limit]
     return {
@@ -70,7 +70,7 @@ def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
 
 def summarize(scored: Any) -> dict[str, Any]:
     """JSON-serialisable summary of a `ScoredDataset`."""
-    drop = scored.selection.drop
+    drop = scored.selection.reasons
     response = scored.response
     n_response = int(response.sum())
     dropped = int((drop > 0).sum())

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from xtf_plugin.config import REASON_BITS
-from xtf_plugin.report.load import ScoredDir
+from xtf_plugin.output import ScoredDir
 from xtf_plugin.report.stats import SHORT_NAMES, reason_names
 from xtf_plugin.selection import SPAN_BIT
 
@@ -28,7 +28,7 @@ def marked_text(scored: ScoredDir, index: int) -> str:
     response = scored.response[part]
     pieces: list[str] = []
     run: list[str] = []
-    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.drop[part].tolist(), response.tolist(), strict=True):
+    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.reasons[part].tolist(), response.tolist(), strict=True):
         if not trained:
             continue
         text = scored.texts[token_id]
@@ -50,7 +50,7 @@ def styled_text(scored: ScoredDir, index: int) -> Any:
 
     part = scored.example_slice(index)
     text = Text()
-    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.drop[part].tolist(), scored.response[part].tolist(), strict=True):
+    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.reasons[part].tolist(), scored.response[part].tolist(), strict=True):
         if not trained:
             continue
         names = reason_names(bits)
@@ -74,7 +74,7 @@ def print_examples(scored: ScoredDir, count: int, console: Any = None) -> None:
     for i in range(count):
         part = scored.example_slice(i)
         n_resp = int(scored.response[part].sum())
-        n_drop = int((scored.drop[part] > 0).sum())
+        n_drop = int((scored.reasons[part] > 0).sum())
         head = f"--- example {i}: {n_resp} response tokens, {n_drop} dropped"
         if tty:
             console.rule(head.strip("- "))

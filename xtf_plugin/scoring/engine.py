@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from xtf_plugin.config import XTFConfig
 from xtf_plugin.errors import NON_FINITE_HINT, XTFError
-from xtf_plugin.scores import TokenScores
 from xtf_plugin.scoring.attention import capture_attention_received, resolve_layers
 from xtf_plugin.scoring.novelty import novelty_from_log_probs, token_log_probs
+from xtf_plugin.token_scores import TokenScores
 
 SCORER_VERSION = 5
 """Bumped whenever the scoring math changes, so stale cache entries are never reused."""

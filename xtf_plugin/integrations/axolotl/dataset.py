@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import torch
 
-from xtf_plugin.config import XTFConfig, load_xtf_config
+from xtf_plugin.config import to_xtf_config
+from xtf_plugin.distributed import is_main_process, local_device
 from xtf_plugin.errors import XTFError
 from xtf_plugin.integrations.axolotl.args import SOFT_UNSUPPORTED
-from xtf_plugin.integrations.common import mask_examples, write_training_report
+from xtf_plugin.integrations.common import mask_examples, with_column, write_training_report
 from xtf_plugin.pipeline import SHARD_EXAMPLES
 
 
@@ -54,20 +52,6 @@ class XTFRun:
         )
 
 
-def xtf_config_from_cfg(cfg: Any) -> XTFConfig:
-    """`XTFConfig` from axolotl's validated cfg (`cfg.xtf` is a `DictDefault`, None values dropped)."""
-    block = cfg.get("xtf")
-    data = block.to_dict() if hasattr(block, "to_dict") else dict(block or {})
-    return load_xtf_config(data)
-
-
-def scoring_device() -> str:
-    """This process's device: its local GPU under a multi-GPU launcher, else the first GPU, else the CPU."""
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
-
-
 def load_scoring_model(cfg: Any, tokenizer: Any, device: str) -> Any:
     """The frozen base model (`cfg.base_model`) as QLoRA / LoRA / full fine-tuning will see it.
 
@@ -77,7 +61,7 @@ def load_scoring_model(cfg: Any, tokenizer: Any, device: str) -> Any:
     (added `tokens:` / special tokens), the embeddings grow to the tokenizer's size, the new rows set to the
     mean row (not random) so that the model fingerprint, and with it the score cache, is stable across runs.
     """
-    from xtf_plugin.loading import load_model
+    from xtf_plugin.models import load_model
 
     name = str(cfg.base_model)
     if cfg.get("load_in_8bit"):
@@ -91,7 +75,7 @@ def load_scoring_model(cfg: Any, tokenizer: Any, device: str) -> Any:
         model = load_model(name, dtype=dtype, load_in_4bit=bool(cfg.load_in_4bit), device=device)
     except XTFError as error:
         detail = str(error).split(": ", 1)[-1]
-        raise XTFError(f"base_model: XTF cannot load the scoring model {name!r}: {detail}") from None
+        raise XTFError(f"base_model: XTF cannot load the scoring model {name!r}: {detail}") from error
     embeddings = model.get_input_embeddings()
     if embeddings is not None and embeddings.num_embeddings < len(tokenizer):
         _grow_embeddings(model, len(tokenizer))
@@ -126,7 +110,6 @@ def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
     and every rank gets the same masks.
     """
     from axolotl.loaders import load_tokenizer
-    from axolotl.utils.distributed import is_main_process
     from datasets import Dataset
 
     if not isinstance(dataset, Dataset):
@@ -141,14 +124,14 @@ def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
             f"{', '.join(dataset.column_names)}); XTF needs tokenised SFT examples"
         )
     started = time.perf_counter()
-    config = xtf_config_from_cfg(cfg)
+    config = to_xtf_config(cfg.get("xtf"))
     if config.soft:
         raise XTFError(SOFT_UNSUPPORTED)
     tokenizer = load_tokenizer(cfg)
     rows = dataset.with_format("numpy", columns=["input_ids", "labels"])
     input_ids = list(rows["input_ids"])
     labels = list(rows["labels"])
-    device = scoring_device()
+    device = local_device()
     # every rank at once: the ranks split the forward passes and gather the scores (see score_dataset)
     model = load_scoring_model(cfg, tokenizer, device)
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
@@ -168,19 +151,6 @@ def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
         extra={"quantized": quantized},
     )
     run.extra["report"] = write_training_report(result, cfg.get("output_dir"))
-    masked = _list_array(result.labels, dataset.features.arrow_schema.field("labels").type)
+    masked = result.labels
     del result, input_ids, labels
-    feature = dataset.features["labels"]
-    dataset = dataset.remove_columns("labels").add_column("labels", masked, feature=feature)
-    return dataset, run
-
-
-def _list_array(rows: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
-    """An Arrow list column (of `arrow_type`) from one integer array per row, without Python lists."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    values = pa.array(flat, type=arrow_type.value_type)
-    if pa.types.is_large_list(arrow_type):
-        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+    return with_column(dataset, "labels", masked), run

@@ -23,9 +23,9 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
-from xtf_plugin.config import XTFConfigError, load_xtf_config
+from xtf_plugin.config import XTFConfigError, to_xtf_config
 from xtf_plugin.integrations.axolotl.args import SOFT_UNSUPPORTED
-from xtf_plugin.integrations.axolotl.callbacks import XTFLogCallback
+from xtf_plugin.integrations.common import XTFLogCallback
 
 # axolotl's logging shows INFO only for loggers under `axolotl` (others: warnings and errors)
 LOG = get_logger("axolotl.integrations.xtf")
@@ -94,7 +94,7 @@ class XTFPlugin(BasePlugin):
         block = cfg.get("xtf")
         if not isinstance(block, dict):
             raise XTFConfigError(f"xtf: expected a mapping of XTF settings (got {block!r})")
-        config = load_xtf_config(block.to_dict() if hasattr(block, "to_dict") else dict(block))
+        config = to_xtf_config(block)
         if config.soft:
             raise XTFConfigError(SOFT_UNSUPPORTED)
 

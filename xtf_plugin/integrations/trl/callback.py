@@ -20,18 +20,17 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from transformers import TrainerCallback
 
-from xtf_plugin.config import XTFConfig
+from xtf_plugin.config import XTFConfig, to_xtf_config
 from xtf_plugin.errors import XTFError
 from xtf_plugin.integrations.common import (
     MaskedExamples,
+    XTFLogCallback,
     mask_examples,
     split_packed,
     tokenizer_of,
     write_training_report,
 )
-from xtf_plugin.integrations.trl.trainer import coerce_xtf_config
 
 
 def _row_key(input_ids: Any) -> bytes:
@@ -51,15 +50,17 @@ class MaskedLabelsCollator:
         return self.collate(features)
 
 
-class XTFCallback(TrainerCallback):
+class XTFCallback(XTFLogCallback):
     """Masks XTF's noise tokens in the labels of a stock trainer's training batches.
 
     Args:
-        xtf_config: XTF settings (`XTFConfig`, a mapping, or None for the defaults).
+        xtf_config: XTF settings: an `XTFConfig`, a mapping of `xtf:` keys, a JSON string or a YAML path (see
+            `config.to_xtf_config`); None for the defaults.
     """
 
-    def __init__(self, xtf_config: XTFConfig | dict[str, Any] | None = None) -> None:
-        self.xtf_config = coerce_xtf_config(xtf_config)
+    def __init__(self, xtf_config: XTFConfig | dict[str, Any] | str | None = None) -> None:
+        super().__init__()
+        self.xtf_config = to_xtf_config(xtf_config)
         self.xtf_result: MaskedExamples | None = None
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -80,6 +81,7 @@ class XTFCallback(TrainerCallback):
             model, tokenizer_of(processing_class), ids, labels, self.xtf_config, progress=state.is_world_process_zero
         )
         write_training_report(self.xtf_result, args.output_dir)
+        self.metrics = self.xtf_result.log_metrics
         masked_iter = iter(self.xtf_result.labels)
         masked: dict[bytes, list[int]] = {}
         for row_ids, seq_lengths in zip(rows_ids, lengths, strict=True):
@@ -88,12 +90,4 @@ class XTFCallback(TrainerCallback):
         # accelerate's DataLoaderShard iterates its `base_dataloader`, whose collate function is the one used
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         loader.collate_fn = MaskedLabelsCollator(loader.collate_fn, masked)
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-        if logs is not None and self.xtf_result is not None and "loss" in logs:
-            logs.update(self.xtf_result.log_metrics)
-            # the trainer appended a copy of `logs` to the history before calling the callbacks
-            if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
-                state.log_history[-1].update(self.xtf_result.log_metrics)
         return control

@@ -1,148 +1,82 @@
-"""`xtf sft`: `trl sft` with XTF token filtering.
+"""`xtf sft`: `trl sft` with one more setting, `xtf`.
 
-    xtf sft --config cfg.yaml [any trl sft flag ...] [--xtf KEY=VALUE ...]
+    xtf sft --config cfg.yaml [any trl sft flag ...] [--xtf '{"drop_ratio": 0.1}' | --xtf xtf.yaml]
 
-It accepts every key and flag `trl sft` accepts (TRL's own `TrlParser` over `ScriptArguments`, `SFTConfig`,
-`ModelConfig`, `DatasetMixtureConfig`; QLoRA with `--load_in_4bit --use_peft`), plus an `xtf:` block in the
-YAML (the same `XTFConfig` as everywhere) and `--xtf KEY=VALUE` overrides with dotted keys. Like `trl sft`, it
-runs under `accelerate launch` (unconsumed arguments such as `--num_processes 2` go to accelerate), and trains
-with `XTFSFTTrainer`, which scores the training set with the model it is about to train.
-
-The `xtf:` block is taken out of the YAML before TRL reads it: TRL forwards unknown keys to accelerate, which
-would refuse them.
+The arguments are parsed by TRL's own `TrlParser` over `ScriptArguments`, `XTFSFTConfig`, `ModelConfig` and
+`DatasetMixtureConfig`, so every `trl sft` key and flag means the same here, and the YAML's `xtf:` block is
+`XTFSFTConfig.xtf`. The training is the installed TRL's own `trl sft` script (`trl.scripts.sft.main`), run with
+`XTFSFTTrainer` where it builds an `SFTTrainer`: whatever `trl sft` does in that TRL version (the eval split,
+dataset mixtures, `push_to_hub`, resuming, finishing the trackers), `xtf sft` does too. Like `trl sft`, it runs
+under `accelerate launch`; arguments that TRL does not know (such as `--num_processes 2`) go to accelerate.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+from typing import Any
 
-import yaml
-
-from xtf_plugin.cli import build_config, read_yaml_mapping
-from xtf_plugin.config import XTFConfig
+from xtf_plugin.config import XTFConfigError
 from xtf_plugin.errors import XTFError
+from xtf_plugin.integrations.trl.trainer import XTFSFTTrainer
 
-XTF_FLAG = "--xtf"
-# copies of YAML files made for this process; removed at exit (also before `leave_group` ends a rank, skipping atexit)
-_TEMP_FOLDERS: list[str] = []
-
-
-def _remove_temp_folders() -> None:
-    while _TEMP_FOLDERS:
-        shutil.rmtree(_TEMP_FOLDERS.pop(), ignore_errors=True)
+# the trainers built in this process: referenced until it ends (see `_ReferencedTrainer`)
+_TRAINERS: list[XTFSFTTrainer] = []
 
 
-atexit.register(_remove_temp_folders)
+class _ReferencedTrainer(XTFSFTTrainer):
+    """`XTFSFTTrainer` that stays referenced after TRL's script returns. Freeing it frees the DDP reducer, whose
+    deallocation after the process group was destroyed runs gloo's teardown, which can deadlock (seen in CI);
+    `distributed.leave_group` ends the process while the trainer is still alive."""
 
-
-def split_xtf_arguments(argv: list[str]) -> tuple[list[str], XTFConfig]:
-    """Separate XTF's settings from TRL's arguments.
-
-    Returns:
-        (arguments for TRL, with `--config` pointing at a copy of the YAML without its `xtf:` block;
-        the validated `XTFConfig`).
-    Raises:
-        XTFError: one line naming the file and key of a bad setting.
-    """
-    args = list(argv)
-    overrides: list[str] = []
-    while XTF_FLAG in args:
-        index = args.index(XTF_FLAG)
-        if index + 1 >= len(args):
-            raise XTFError("--xtf: expected KEY=VALUE, e.g. --xtf drop_ratio=0.1")
-        overrides.append(args[index + 1])
-        del args[index : index + 2]
-    config_file = None
-    if "--config" in args:
-        index = args.index("--config")
-        if index + 1 >= len(args):
-            raise XTFError("--config: expected a YAML file")
-        config_file = args[index + 1]
-        args[index + 1] = _yaml_without_xtf(config_file)
-    xtf_config = build_config(config_file, overrides) if config_file and _has_xtf_block(config_file) else build_config(None, overrides)
-    return args, xtf_config
-
-
-def _has_xtf_block(path: str) -> bool:
-    return "xtf" in read_yaml_mapping(path, "trl sft settings")
-
-
-def _yaml_without_xtf(path: str) -> str:
-    data = read_yaml_mapping(path, "trl sft settings")
-    if "xtf" not in data:
-        return path
-    data.pop("xtf")
-    folder = tempfile.mkdtemp(prefix="xtf-sft-")
-    _TEMP_FOLDERS.append(folder)
-    stripped = Path(folder) / Path(path).name
-    stripped.write_text(yaml.safe_dump(data, sort_keys=False))
-    return str(stripped)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _TRAINERS.append(self)
 
 
 def make_parser():  # type: ignore[no-untyped-def]
-    """TRL's own `trl sft` parser."""
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+    """TRL's `trl sft` parser, with `XTFSFTConfig` in place of `SFTConfig`."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig), prog="xtf sft")
+    from xtf_plugin.integrations.trl.config import XTFSFTConfig
+
+    return TrlParser((ScriptArguments, XTFSFTConfig, ModelConfig, DatasetMixtureConfig), prog="xtf sft")
 
 
-def train(script_args, training_args, model_args, dataset_args, xtf_config: XTFConfig):  # type: ignore[no-untyped-def]
-    """What `trl sft` does, with `XTFSFTTrainer`; returns the trainer.
+def train(script_args, training_args, model_args, dataset_args) -> XTFSFTTrainer:  # type: ignore[no-untyped-def]
+    """Run TRL's `trl sft` training function with `XTFSFTTrainer`; returns the trainer.
 
-    The process group is left alive: destroying it while the DDP reducer still holds it lets the reducer's
-    deallocation run gloo's teardown, which can deadlock (seen in CI and locally under load); the entry point
-    ends the process with `distributed.leave_group` while the trainer is still referenced."""
-    from datasets import load_dataset
-    from trl import get_dataset, get_peft_config, get_quantization_config
+    TRL's script imports `SFTTrainer` from the `trl` package when it runs, so the name is pointed at
+    `XTFSFTTrainer` for that call (and restored): the script itself stays TRL's, for every TRL version.
+    """
+    import trl
+    from trl.scripts import sft as trl_sft
 
-    from xtf_plugin.integrations.trl.trainer import XTFSFTTrainer
-
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-    }
-    if dataset_args.datasets:
-        dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
-    else:
-        raise XTFError("either `datasets` or `dataset_name` must be given")
-    trainer = XTFSFTTrainer(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-        xtf_config=xtf_config,
-    )
-    trainer.train()
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    trainer.accelerator.wait_for_everyone()
-    for tracker in trainer.accelerator.trackers:  # what end_training does, but the group's destruction
-        tracker.finish()
-    return trainer
+    original = trl.SFTTrainer
+    trl.SFTTrainer = _ReferencedTrainer
+    try:
+        trl_sft.main(script_args, training_args, model_args, dataset_args)
+    finally:
+        trl.SFTTrainer = original
+    return _TRAINERS[-1]
 
 
 def launch(argv: list[str]) -> int:
-    """`xtf sft`: validate the arguments here (bad settings fail before anything starts), then run this module
-    under `accelerate launch` the way `trl sft` runs its script."""
+    """`xtf sft`: parse here (a bad setting fails before anything starts), then run this module under
+    `accelerate launch`, the way `trl sft` runs its script."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    trl_args, _ = split_xtf_arguments(argv)
     parser = make_parser()
-    *_, config_remaining, cli_remaining = parser.parse_args_and_config(
-        trl_args, return_remaining_strings=True, separate_remaining_strings=True
-    )
+    try:
+        *_, config_remaining, cli_remaining = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except XTFConfigError as error:
+        # the block came from the YAML unless --xtf replaced it: name the file, as for every other bad input
+        if "--config" in argv and "--xtf" not in argv and argv.index("--config") + 1 < len(argv):
+            raise XTFConfigError(f"{argv[argv.index('--config') + 1]}: {error}") from error
+        raise
     launch_args = config_remaining + cli_remaining
     script_args = _without_subsequence(argv, cli_remaining)
     accelerate_args = launch_command_parser().parse_args([*launch_args, "--module", __name__, *script_args])
@@ -166,20 +100,23 @@ def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
     return result
 
 
-def main(argv: list[str] | None = None):  # type: ignore[no-untyped-def]
+def main(argv: list[str] | None = None) -> XTFSFTTrainer:
     """Entry point inside each process started by accelerate; returns the trainer."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    trl_args, xtf_config = split_xtf_arguments(argv)
     script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(
-        trl_args, fail_with_unknown_args=False
+        argv, fail_with_unknown_args=False
     )
-    return train(script_args, training_args, model_args, dataset_args, xtf_config)
+    return train(script_args, training_args, model_args, dataset_args)
 
 
 if __name__ == "__main__":
-    from xtf_plugin.distributed import leave_group
+    from xtf_plugin.distributed import is_main_process, leave_group
 
-    trainer = main()  # referenced until the process ends: its reducer must not tear the group down
-    _remove_temp_folders()
+    try:
+        trainer = main()
+    except XTFError as error:  # e.g. a streaming dataset: one line, as the `xtf` command prints its errors
+        if is_main_process():
+            print(f"xtf sft: error: {error}", file=sys.stderr)
+        sys.exit(2)
     leave_group(0)  # in a multi-process run: ends the process here, past gloo's teardown

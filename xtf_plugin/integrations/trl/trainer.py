@@ -19,13 +19,16 @@ is computed from the logits (TRL's own loss path and its entropy / token-accurac
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import torch
+from datasets import IterableDataset, IterableDatasetDict
+from transformers import TrainingArguments
 from trl import SFTTrainer
 
-from xtf_plugin.config import XTFConfig, load_xtf_config
+from xtf_plugin.config import XTFConfig
 from xtf_plugin.errors import XTFError
 from xtf_plugin.integrations.common import (
     MaskedExamples,
@@ -33,8 +36,10 @@ from xtf_plugin.integrations.common import (
     soft_weights,
     tokenizer_of,
     weighted_token_loss,
+    with_column,
     write_training_report,
 )
+from xtf_plugin.integrations.trl.config import XTFSFTConfig
 
 WEIGHT_COLUMN = "xtf_weight"
 
@@ -56,31 +61,44 @@ class SoftWeightCollator:
         return batch
 
 
-def coerce_xtf_config(value: XTFConfig | dict[str, Any] | None) -> XTFConfig:
-    """`XTFConfig` from a config, a mapping (e.g. the YAML `xtf:` block) or None (defaults)."""
-    if isinstance(value, XTFConfig):
-        return value
-    return load_xtf_config(value or {})
+def as_xtf_sft_config(args: TrainingArguments | None, model: Any) -> XTFSFTConfig:
+    """`args` as an `XTFSFTConfig` (default XTF settings), the way `SFTTrainer` turns its `args` into an
+    `SFTConfig`."""
+    if isinstance(args, XTFSFTConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+        return XTFSFTConfig(f"{str(name).rstrip('/').split('/')[-1]}-SFT")
+    # the fields as they are: `to_dict` would hide every `*_token` value
+    return XTFSFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
 
 class XTFSFTTrainer(SFTTrainer):
-    """`SFTTrainer` with XTF token filtering.
+    """`SFTTrainer` with XTF token filtering, configured by `XTFSFTConfig.xtf`.
 
     Args:
-        *args: as for `SFTTrainer`.
-        xtf_config: XTF settings (`XTFConfig`, a mapping, or None for the defaults).
+        model: as for `SFTTrainer`.
+        args: an `XTFSFTConfig`; a plain `SFTConfig` / `TrainingArguments` is converted with the default XTF
+            settings, None gives `XTFSFTConfig` defaults (as `SFTTrainer` does for its config).
         **kwargs: as for `SFTTrainer`.
 
     After construction, `xtf_result` holds the scores, reasons and summary of the training set, and every
     training log carries `xtf/kept_fraction` and `xtf/dropped_<attribute>` (soft mode: `xtf/mean_weight`).
     """
 
-    def __init__(self, *args: Any, xtf_config: XTFConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self.xtf_config = coerce_xtf_config(xtf_config)
+    def __init__(self, model: Any, args: TrainingArguments | None = None, **kwargs: Any) -> None:
+        args = as_xtf_sft_config(args, model)
+        self.xtf_config: XTFConfig = args.xtf  # type: ignore[assignment]
         self._xtf_postponed_packing = False
         self.xtf_result: MaskedExamples | None = None
         self._xtf_log_metrics: dict[str, float] = {}
-        super().__init__(*args, **kwargs)
+        train_dataset = kwargs.get("train_dataset")
+        if isinstance(train_dataset, IterableDataset | IterableDatasetDict):
+            raise XTFError(
+                "xtf: a streaming (iterable) training set cannot be filtered: XTF scores every example before "
+                "training starts; load the dataset without streaming (dataset_streaming: false)"
+            )
+        super().__init__(model, args, **kwargs)
         if self.xtf_config.soft and (self.args.packing or self.args.padding_free):
             raise XTFError(
                 "xtf.soft: per-token weights cannot go through packing or padding-free batches; "
@@ -117,11 +135,9 @@ class XTFSFTTrainer(SFTTrainer):
             # nothing is dropped in soft mode: log the mean loss weight of the trained tokens instead
             self._xtf_log_metrics = {"xtf/mean_weight": float(np.concatenate(weights)[scored.response].mean())}
             if labels is None:
-                dataset = dataset.add_column("labels", [row.tolist() for row in scored.per_example(scored.labels)])
-            return dataset.add_column(WEIGHT_COLUMN, [row.tolist() for row in weights])
-        masked = [row.tolist() for row in self.xtf_result.labels]
-        dataset = dataset.remove_columns("labels") if labels is not None else dataset
-        dataset = dataset.add_column("labels", masked)
+                dataset = with_column(dataset, "labels", scored.per_example(scored.labels))
+            return with_column(dataset, WEIGHT_COLUMN, weights)
+        dataset = with_column(dataset, "labels", self.xtf_result.labels)
         if self._xtf_postponed_packing:
             dataset = SFTTrainer._prepare_dataset(
                 self, dataset, self.processing_class, self.args, True, None, "train"

@@ -20,7 +20,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:
-        raise XTFError(f"--model {name_or_path}: cannot load a tokenizer ({type(error).__name__}: {error})") from None
+        raise XTFError(f"--model {name_or_path}: cannot load a tokenizer ({type(error).__name__}: {error})") from error
 
 
 def load_model(name_or_path: str, dtype: str = "auto", load_in_4bit: bool = False, device: str | None = None) -> Any:
@@ -59,7 +59,7 @@ def load_model(name_or_path: str, dtype: str = "auto", load_in_4bit: bool = Fals
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as error:
-        raise XTFError(f"--model {name_or_path}: cannot load the model ({type(error).__name__}: {error})") from None
+        raise XTFError(f"--model {name_or_path}: cannot load the model ({type(error).__name__}: {error})") from error
     if not load_in_4bit:
         model.to(device)
     return model.eval()
