@@ -708,11 +708,17 @@ def run_workers(args: argparse.Namespace, setup: Setup, todo: list[RunSpec], var
     pending = list(todo)
     running: list[tuple[RunSpec, subprocess.Popen, Path]] = []
 
+    def unfinished(spec: RunSpec) -> bool:
+        return any(other.id == spec.id for other in pending) or any(other.id == spec.id for other, _, _ in running)
+
     def launch(limit: int) -> None:
         for spec in list(pending):
             if len(running) >= limit:
                 return
             if spec.variant is not None and (spec.data, spec.variant) not in prepared:
+                continue
+            # an XTF run that masks nothing is its plain-SFT run: wait for that instead of training it twice
+            if spec.method.startswith("xtf:") and unfinished(RunSpec(spec.data, "sft", spec.seed)):
                 continue
             pending.remove(spec)
             if done(spec):
@@ -818,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.score_cache is None:
         args.score_cache = str(XTFConfig().resolved_cache_dir())
     if args.detect:
-        target = out if args.out != results_path(task) else results_path(task, "detection")
+        target = out if args.out != results_path(task) else Path(results_path(task, "detection"))
         document = {"settings": {"model": args.model, "train_size": args.train_size, "data_seed": data_seed,
                                  "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
                                  "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"})

@@ -25,7 +25,7 @@ from axolotl.cli.config import load_cfg  # noqa: E402
 from axolotl.integrations.base import PluginManager  # noqa: E402
 from axolotl.utils.dict import DictDefault  # noqa: E402
 
-from xtf_plugin.config import XTFConfig, XTFConfigError  # noqa: E402
+from xtf_plugin.config import XTFConfig, XTFConfigError, to_xtf_config  # noqa: E402
 from xtf_plugin.errors import XTFError  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -205,9 +205,7 @@ def test_xtf_block_validates_through_load_cfg(tmp_path, tiny_dir):
     assert "xtf_plugin.XTFPlugin" in PluginManager.get_instance().plugins
     assert cfg.xtf.drop_ratio == 0.3
     assert cfg.xtf.weights.relevance == 0
-    from xtf_plugin.integrations.axolotl.dataset import xtf_config_from_cfg
-
-    config = xtf_config_from_cfg(cfg)
+    config = to_xtf_config(cfg.xtf)
     assert config.drop_ratio == 0.3 and config.protect == ["^#### .*"] and (config.preset, config.mode) == ("spans", "spans")
     assert config.cache_dir == str(tmp_path / "xtf-cache")
 
@@ -274,41 +272,48 @@ def test_without_xtf_block_every_hook_is_a_no_op(tmp_path, tiny_dir):
     assert plugin.post_trainer_create(cfg, trainer=None) is None
 
 
-def test_xtf_block_without_the_plugin_is_dropped_by_axolotl(tmp_path, tiny_dir):
-    """axolotl ignores keys no schema declares, so an `xtf:` block without `plugins: [xtf_plugin.XTFPlugin]`
-    vanishes; on axolotl 0.19 nothing of ours is loaded to warn (0.20+: the next test). Documented in the
-    integration README."""
-    raw = cfg_dict(tmp_path, tiny_dir)
-    del raw["plugins"]
-    assert load_cfg(raw).xtf is None
-
-
-def test_guard_warns_about_an_xtf_block_without_the_plugin(tmp_path, tiny_dir, monkeypatch):
-    """axolotl >= 0.20 registers every `axolotl.plugins` entry point for every config; xtf_plugin declares
-    `XTFBlockGuard` there (pyproject.toml), which warns when the `xtf:` block would be dropped."""
-    from importlib.metadata import entry_points
-
+def entry_points_load_plugins() -> bool:
+    """axolotl >= 0.21 registers every plugin of the `axolotl.plugins` entry-point group for every config."""
     import axolotl.integrations.base as base
 
-    from xtf_plugin.integrations.axolotl import plugin as plugin_module
+    return hasattr(base, "get_builtin_plugins") and hasattr(base, "PLUGIN_ENTRY_POINT_GROUP")
 
-    if not hasattr(base, "PLUGIN_ENTRY_POINT_GROUP"):
-        pytest.skip("axolotl < 0.20 loads no plugin the config does not list")
-    installed = [p.value for p in entry_points(group=base.PLUGIN_ENTRY_POINT_GROUP)]
-    assert "xtf_plugin.integrations.axolotl.plugin:XTFBlockGuard" in installed  # the package's real entry point
-    if hasattr(base, "reset_plugin_entry_points_cache"):
-        base.reset_plugin_entry_points_cache()
-    warnings: list[str] = []
-    monkeypatch.setattr(plugin_module.LOG, "warning", lambda message, *args, **kwargs: warnings.append(message))
+
+def test_the_package_declares_the_plugin_as_an_entry_point():
+    from importlib.metadata import entry_points
+
+    installed = [p.value for p in entry_points(group="axolotl.plugins")]
+    assert "xtf_plugin:XTFPlugin" in installed
+
+
+def test_xtf_block_without_the_plugin_is_dropped_by_axolotl_019(tmp_path, tiny_dir):
+    """axolotl < 0.21 loads only the plugins a config lists and ignores keys no schema declares, so there an
+    `xtf:` block without `plugins: [xtf_plugin.XTFPlugin]` vanishes (documented in the integration README)."""
+    if entry_points_load_plugins():
+        pytest.skip("axolotl >= 0.21 registers the installed plugin for every config")
     raw = cfg_dict(tmp_path, tiny_dir)
     del raw["plugins"]
     assert load_cfg(raw).xtf is None
-    assert sum("does not list xtf_plugin.XTFPlugin" in w for w in warnings) == 1
-    warnings.clear()
-    for plugins in (["xtf_plugin.XTFPlugin"], ["xtf_plugin:XTFPlugin"], ["xtf_plugin.integrations.axolotl.XTFPlugin"]):
-        PluginManager.get_instance().plugins.clear()
-        assert load_cfg(cfg_dict(tmp_path, tiny_dir, plugins=plugins)).xtf is not None
-    assert not [w for w in warnings if "does not list" in w]
+
+
+def test_xtf_block_alone_switches_xtf_on_with_axolotl_021(tmp_path, tiny_dir):
+    """axolotl >= 0.21: the installed entry point registers XTFPlugin for every config, so the `xtf:` block
+    alone is read, validated (a typo names its key) and acted on; listing the plugin too registers it once."""
+    import axolotl.integrations.base as base
+
+    if not entry_points_load_plugins():
+        pytest.skip("axolotl < 0.21 loads only the plugins a config lists")
+    base.reset_plugin_entry_points_cache()
+    raw = cfg_dict(tmp_path, tiny_dir)
+    del raw["plugins"]
+    cfg = load_cfg(raw)
+    assert cfg.xtf is not None and cfg.xtf["drop_ratio"] == XTF_BLOCK["drop_ratio"]
+    assert "xtf_plugin.XTFPlugin" in PluginManager.get_instance().plugins
+    with pytest.raises(Exception, match="xtf.drop_ratio"):
+        load_cfg(DictDefault({**raw, "xtf": {**XTF_BLOCK, "drop_ratio": 2}}))
+    PluginManager.get_instance().plugins.clear()
+    load_cfg(cfg_dict(tmp_path, tiny_dir, plugins=["xtf_plugin.XTFPlugin"]))
+    assert [name for name in PluginManager.get_instance().plugins if "XTFPlugin" in name] == ["xtf_plugin.XTFPlugin"]
 
 
 def test_plugin_is_a_lazy_attribute_of_the_package():
@@ -414,7 +419,7 @@ def test_preprocess_then_train(tmp_path, tiny_dir, packing):
     # the same run without the plugin trains on the unmasked labels, and its loss differs
     baseline_cfg = axolotl_config(tmp_path, tiny_dir, "baseline", xtf=None)
     output = run_axolotl("train", baseline_cfg, "--launcher", "python")
-    # no scoring, no summary, no report (axolotl >= 0.20 still names the guard plugin when it loads it)
+    # no scoring, no summary, no report (on axolotl >= 0.21 the installed plugin is registered, and idle)
     assert "XTF: " not in output and "xtf/kept_fraction" not in output
     baseline = tmp_path / "out-baseline"
     assert assert_loss_saw(baseline, original, original) == 0
@@ -456,6 +461,20 @@ def main():
 if __name__ == "__main__":  # datasets starts helper processes with spawn, which re-imports this file
     main()
 """
+
+
+@pytest.mark.slow
+def test_axolotl_021_cli_with_the_xtf_block_alone(tmp_path, tiny_dir):
+    """`axolotl preprocess` on axolotl >= 0.21 with no `plugins:` at all: the installed entry point registers
+    XTFPlugin, and the `xtf:` block alone scores and masks."""
+    if not entry_points_load_plugins():
+        pytest.skip("axolotl < 0.21 loads only the plugins a config lists")
+    cfg = axolotl_config(tmp_path, tiny_dir, "alone", recorder=False)
+    settings = yaml.safe_load(cfg.read_text())
+    del settings["plugins"]
+    cfg.write_text(yaml.safe_dump(settings, sort_keys=False))
+    scored = xtf_line(run_axolotl("preprocess", cfg))
+    assert scored["examples"] == 16 and scored["passes"] > 0
 
 
 @pytest.mark.slow
@@ -526,6 +545,4 @@ def test_example_config_validates(path):
     prepare_plugins(raw)
     cfg = validate_config(raw)
     assert cfg.xtf is not None
-    from xtf_plugin.integrations.axolotl.dataset import xtf_config_from_cfg
-
-    xtf_config_from_cfg(cfg)
+    to_xtf_config(cfg.xtf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -26,7 +28,9 @@ def run_xtf_sft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("config", "model", "extra"),
     [
-        ("trl-cpu.yaml", "tiny_model_dir", ["--xtf", '{"preset": "paper", "drop_ratio": 0.3}']),
+        # TRL's eval split too (the mixture's train split again), which XTF leaves alone
+        ("trl-cpu.yaml", "tiny_model_dir", ["--xtf", '{"preset": "paper", "drop_ratio": 0.3}', "--eval_strategy",
+                                            "steps", "--eval_steps", "2", "--dataset_test_split", "train"]),
         # QLoRA: the 4-bit nf4 model (bitsandbytes' CPU kernel) scores with its adapter disabled, then trains
         ("trl-qlora.yaml", "model64_dir", ["--max_length", "256"]),
     ],
@@ -41,6 +45,46 @@ def test_xtf_sft_trains_with_the_example_configs(config, model, extra, request, 
     log = result.stdout + result.stderr
     assert "XTF: kept" in log and "xtf/kept_fraction" in log
     assert (out / "adapter_model.safetensors").is_file()
+    assert ("eval_loss" in log) == ("--eval_strategy" in extra)
+
+
+def run_trl_sft(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(BIN / "trl"), "sft", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+def hub_errors(stderr: str) -> list[str]:
+    """The huggingface_hub exception lines of a run's output (type and message)."""
+    return [line for line in stderr.splitlines() if line.startswith("huggingface_hub.errors.")]
+
+
+def test_push_to_hub_goes_to_the_hub_as_with_trl_sft(tiny_model_dir, tmp_path):
+    """`xtf sft` runs TRL's own script, so `--push_to_hub true` reaches the hub exactly as `trl sft` does (here,
+    offline, both stop at the same hub call) instead of being accepted and ignored. Same settings for both: the
+    example config without its `xtf:` block, which `trl sft` would hand to accelerate as an unknown key."""
+    settings = yaml.safe_load((ROOT / "example_configs" / "trl-cpu.yaml").read_text())
+    settings.pop("xtf")
+    config = tmp_path / "trl.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    common = ["--config", str(config), "--model_name_or_path", str(tiny_model_dir), "--max_steps", "1",
+              "--push_to_hub", "true", "--hub_model_id", "someone/xtf-test"]
+    ours = run_xtf_sft(*common, "--output_dir", str(tmp_path / "xtf"))
+    theirs = run_trl_sft(*common, "--output_dir", str(tmp_path / "trl"))
+    assert ours.returncode != 0 and theirs.returncode != 0
+    assert hub_errors(theirs.stderr), theirs.stderr[-2000:]
+    assert hub_errors(ours.stderr) == hub_errors(theirs.stderr), ours.stderr[-2000:]
+
+
+def test_streaming_dataset_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [{"prompt": "1 + 1 =", "completion": " 2"}, {"prompt": "2 + 2 =", "completion": " 4"}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_xtf_sft("--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(folder),
+                         "--dataset_streaming", "true", "--output_dir", str(tmp_path / "run"), "--max_steps", "1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "xtf sft: error: xtf: a streaming (iterable) training set cannot be filtered" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@
 field defaults below); keys a user sets override the preset's. Fields fall into two groups, and the split
 matters for the score cache:
 
-* scorer settings (`ri_layers`, `ri_exclude_sink`, `tr_*`, `max_length`) change what the model computes;
-  changing one re-runs the model;
+* scorer settings (`ri_layers`, `ri_exclude_sink`, `tr_*`) change what the model computes; changing one re-runs
+  the model (`max_length` only changes the token ids `xtf score` gives the model, which the cache key holds);
 * selection settings (`preset`, `mode`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_p_threshold`, `ri_fence_k`,
   `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `protect`) only change which scored tokens are masked; changing
   them never re-runs the model.
@@ -264,7 +264,6 @@ class XTFConfig(_Strict):
             "ri_layers": self.ri_layers,
             "ri_exclude_sink": self.ri_exclude_sink,
             "tr_method": self.tr_method,
-            "max_length": self.max_length,
         }
 
     def relevance_settings(self) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """Reasoning importance (RI): the attention a token receives, read from chosen layers only.
 
 The rest of the model keeps its fast attention (SDPA / flash): while `capture_attention_received` is active,
-the model's attention function is wrapped so that, for the chosen layers, the query and key states (already
-rotary-embedded) are also turned into attention probabilities, in query chunks, and reduced at once to one
-number per key position. The full `[batch, heads, length, length]` tensor never exists, and the model is
-never asked for `output_attentions=True`.
+the model runs a registered wrapper of its attention implementation so that, for the chosen layers, the query
+and key states (already rotary-embedded) are also turned into attention probabilities, in query chunks, and
+reduced at once to one number per key position. The full `[batch, heads, length, length]` tensor never
+exists, and the model is never asked for `output_attentions=True`.
 
 RI of token j in an example of n tokens is
 
@@ -22,9 +22,12 @@ position 0 itself gets RI 0 (it is always a prompt token and never scored).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -162,45 +165,131 @@ class AttentionCapture:
         return torch.where(self.valid, self.received / len(self.layers_seen) / attending, 0.0)
 
 
-_ACTIVE: AttentionCapture | None = None
+# Names the capture registers in transformers' attention (and mask) interface: one per wrapped implementation.
+_CAPTURE_PREFIX = "xtf_capture_"
+_WRAPPERS: dict[str, Callable[..., Any]] = {}
+_REGISTER_LOCK = threading.Lock()
+
+# id of an attention module of a model being scored -> the capture its chosen layers report to. Keyed by module,
+# not by config, so that a model sharing the scored model's config object only runs its own implementation.
+_OBSERVERS: dict[int, AttentionCapture] = {}
+
+
+def _own_attention(module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
+    """The function `module` would run for `implementation` without the capture."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    source = sys.modules.get(type(module).__module__)
+    # a model file may declare its own interface with local overrides, and looks the name up there
+    interface = getattr(source, "ALL_ATTENTION_FUNCTIONS", None)
+    if not isinstance(interface, AttentionInterface):
+        interface = ALL_ATTENTION_FUNCTIONS
+    own = interface.get(implementation)
+    if own is None:
+        # "eager" is in no mapping: the model file's own eager function runs (it may soft-cap, etc.)
+        own = getattr(source, "eager_attention_forward", sdpa_attention_forward)
+    return own
+
+
+def _make_wrapper(name: str, implementation: str) -> Callable[..., Any]:
+    def attention_with_capture(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        capture = _OBSERVERS.get(id(module))
+        if capture is not None:
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            capture.observe(module.layer_idx, query, key, scaling, kwargs.get("softcap"), kwargs.get("sliding_window"))
+        own = _own_attention(module, implementation)
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation_internal", None) != name:
+            return own(module, query, key, value, attention_mask, **kwargs)
+        # some implementations read the name back from the config (flash attention picks its kernel by it)
+        config._attn_implementation_internal = implementation
+        try:
+            return own(module, query, key, value, attention_mask, **kwargs)
+        finally:
+            config._attn_implementation_internal = name
+
+    return attention_with_capture
+
+
+def _register_capture(implementation: str) -> str:
+    """Register `xtf_capture_<implementation>` with transformers (attention function and mask); its name.
+
+    Registration only adds that name: the entries of existing implementations are never touched, so every model
+    not switched to the name runs exactly as before.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = _CAPTURE_PREFIX + implementation
+    with _REGISTER_LOCK:
+        wrapper = _WRAPPERS.get(name)
+        if wrapper is None:
+            wrapper = _WRAPPERS[name] = _make_wrapper(name, implementation)
+        # a fresh interface has no local overrides: `.get` reads what `register` wrote
+        if AttentionInterface().get(name) is not wrapper:
+            AttentionInterface.register(name, wrapper)
+        # masking_utils builds no mask at all for a name missing from its global mapping, so the capture name gets
+        # the original's mask, looked up when the mask is built (as masking_utils does for the original)
+        if implementation in AttentionMaskInterface() and name not in AttentionMaskInterface():
+            mask = functools.partial(_original_mask, ALL_MASK_ATTENTION_FUNCTIONS, implementation)
+            AttentionMaskInterface.register(name, mask)
+    return name
+
+
+def _original_mask(interface: Any, implementation: str, *args: Any, **kwargs: Any) -> Any:
+    return interface[implementation](*args, **kwargs)
+
+
+def _configs_of(model: torch.nn.Module) -> list[Any]:
+    """The model's config, its sub-configs and the config of every submodule, once each."""
+    from transformers import PreTrainedConfig
+
+    pending = [model.config, *(getattr(m, "config", None) for m in model.modules())]
+    found: dict[int, Any] = {}
+    while pending:
+        config = pending.pop()
+        if not isinstance(config, PreTrainedConfig) or id(config) in found:
+            continue
+        found[id(config)] = config
+        pending.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", None) or {})
+    return list(found.values())
 
 
 @contextlib.contextmanager
 def capture_attention_received(model: torch.nn.Module, layers: Sequence[int], exclude_sink: bool) -> Iterator[AttentionCapture]:
-    """Wrap the model's attention implementation so that the chosen layers also report attention received.
+    """Switch the model to a wrapped copy of its attention implementation so that the chosen layers also report
+    attention received.
 
-    The model's own implementation (SDPA, flash, eager) still computes every layer's output; the wrapper only
-    adds the probability computation for the chosen layers. Restored on exit.
+    Each config of the model (sub-configs included) is switched from its implementation X to the registered
+    `xtf_capture_X`, whose function calls X (SDPA, flash, eager: it still computes every layer's output) and, for
+    the chosen layers of this model only, adds the probability computation; the mask is built as for X. Other models
+    in the process keep X and never see the wrapper; a model sharing this model's config objects does run the
+    wrapper while the capture lasts, but only X. Every config gets its implementation back on exit, exceptions
+    included.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.modeling_utils import AttentionInterface
-
-    global _ACTIVE
-    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    mapping = AttentionInterface._global_mapping
-    had_entry = implementation in mapping
-    original = mapping.get(implementation)
     capture = AttentionCapture(frozenset(layers), exclude_sink)
-
-    def attention_with_capture(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
-        active = _ACTIVE
-        layer = getattr(module, "layer_idx", None)
-        if active is not None and layer in active.layers:
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            active.observe(layer, query, key, scaling, kwargs.get("softcap"), kwargs.get("sliding_window"))
-        own = original
-        if own is None:
-            # "eager" is not in the mapping: the model file's own eager function runs (it may soft-cap, etc.)
-            own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", sdpa_attention_forward)
-        return own(module, query, key, value, attention_mask, **kwargs)
-
-    mapping[implementation] = attention_with_capture
-    previous, _ACTIVE = _ACTIVE, capture
+    observed = [id(m) for m in model.modules() if getattr(m, "layer_idx", None) in capture.layers]
+    previous_observers = {key: _OBSERVERS.get(key) for key in observed}
+    switched: list[tuple[Any, str]] = []
     try:
+        for config in _configs_of(model):
+            implementation = getattr(config, "_attn_implementation", None)
+            # None: transformers' own default dispatch; a capture name: an enclosing capture of this model
+            if implementation is None or implementation.startswith(_CAPTURE_PREFIX):
+                continue
+            name = _register_capture(implementation)
+            switched.append((config, implementation))
+            # the internal attribute: the property's setter would also overwrite the sub-configs' implementations
+            config._attn_implementation_internal = name
+        for key in observed:
+            _OBSERVERS[key] = capture
         yield capture
     finally:
-        _ACTIVE = previous
-        if had_entry:
-            mapping[implementation] = original
-        else:
-            del mapping[implementation]
+        for config, implementation in reversed(switched):
+            config._attn_implementation_internal = implementation
+        for key, previous in previous_observers.items():
+            if previous is None:
+                _OBSERVERS.pop(key, None)
+            else:
+                _OBSERVERS[key] = previous

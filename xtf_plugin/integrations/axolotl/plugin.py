@@ -1,7 +1,7 @@
-"""`XTFPlugin`: XTF token filtering in axolotl, switched on by two YAML lines.
+"""`XTFPlugin`: XTF token filtering in axolotl, switched on by an `xtf:` block.
 
-    plugins:
-      - xtf_plugin.XTFPlugin
+    plugins:                   # needed on axolotl 0.19 and 0.20; on 0.21 and newer the installed package's
+      - xtf_plugin.XTFPlugin   # entry point registers the plugin for every config
     xtf:
       drop_ratio: 0.2
 
@@ -42,23 +42,6 @@ def lists_xtf_plugin(cfg: Any) -> bool:
     return any(name.startswith("xtf_plugin.") and name.endswith(".XTFPlugin") for name in names)
 
 
-class XTFBlockGuard(BasePlugin):
-    """Warns when a config has an `xtf:` block but `plugins:` does not list `XTFPlugin`.
-
-    axolotl drops keys that no schema declares, so such a block would vanish and the run would train on
-    unfiltered labels. axolotl >= 0.20 registers every plugin of the `axolotl.plugins` entry-point group for
-    every config (xtf_plugin declares this guard there); older axolotl never loads it. The guard adds no
-    schema and no other hook, so it changes nothing else in runs without XTF.
-    """
-
-    def register(self, cfg: dict) -> None:
-        if cfg.get("xtf") is not None and not lists_xtf_plugin(cfg):
-            LOG.warning(
-                "xtf_plugin: the config has an `xtf:` block but `plugins:` does not list xtf_plugin.XTFPlugin, so "
-                "axolotl ignores the block and XTF is OFF; add `plugins: [xtf_plugin.XTFPlugin]`"
-            )
-
-
 class XTFPlugin(BasePlugin):
     """axolotl plugin for XTF (explainable token-level noise filtering, arXiv 2602.14536).
 
@@ -78,7 +61,9 @@ class XTFPlugin(BasePlugin):
         if "xtf" in cfg and cfg.get("xtf") is None:
             LOG.warning("xtf_plugin: the `xtf:` block is empty, so XTF is off; write `xtf: {}` for the defaults")
         if not xtf_active(cfg):
-            LOG.warning("xtf_plugin: XTFPlugin is listed in `plugins:` but there is no `xtf:` block: XTF is off")
+            # (axolotl >= 0.21 registers the installed plugin for every config: silent unless the user listed it)
+            if lists_xtf_plugin(cfg):
+                LOG.warning("xtf_plugin: XTFPlugin is listed in `plugins:` but there is no `xtf:` block: XTF is off")
             return
         for key in ("rl", "reward_model", "process_reward_model"):
             if cfg.get(key):
