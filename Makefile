@@ -38,7 +38,7 @@ test-axolotl-latest:
 lint:
 	@venv="$$(.ci/venv.sh)" && "$$venv/bin/ruff" check xtf_plugin tests benchmarks
 
-# Regenerates the performance and noise-detection tables (benchmarks/README.md, README.md); BENCH_ARGS=--quick
+# Rewrites the performance and noise-detection results (benchmarks/results/*.json); BENCH_ARGS=--quick
 # for a smoke run of the performance scripts. The downstream fine-tuning matrix is bench-downstream (hours).
 bench: bench-perf bench-quality
 

@@ -81,7 +81,8 @@ def test_streaming_dataset_is_refused_in_one_line(tmp_path, tiny_model_dir):
     rows = [{"prompt": "1 + 1 =", "completion": " 2"}, {"prompt": "2 + 2 =", "completion": " 4"}]
     (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = run_xtf_sft("--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(folder),
-                         "--dataset_streaming", "true", "--output_dir", str(tmp_path / "run"), "--max_steps", "1")
+                         "--dataset_streaming", "true", "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                         "--bf16", "false")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "xtf sft: error: xtf: a streaming (iterable) training set cannot be filtered" in result.stderr
     assert "Traceback" not in result.stderr

@@ -33,7 +33,7 @@ REASON_BITS: dict[str, int] = {"reasoning": 1, "novelty": 2, "relevance": 4}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The field defaults of XTFConfig: the paper's union of three capped token tests, with the three measured
-    # departures that make each test select anything at all (README, "How the scores are computed").
+    # departures that make each test select anything at all (docs/method.md, "How the scores are computed").
     "paper": {},
     "spans": {"mode": "spans", "drop_ratio": 0.5},
 }
