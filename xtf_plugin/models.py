@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,34 @@ from xtf_plugin.demo import resolve_model_path
 from xtf_plugin.errors import XTFError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Importing peft imports torchao when it is installed, which logs a warning per CUDA kernel library it cannot
+# load and makes torch log a deprecation per Enum it registers: nothing a user of XTF can act on.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def import_noise_silenced() -> Iterator[None]:
+    """Those loggers at ERROR while the block runs (the imports that emit them), as they were afterwards."""
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def import_model_libraries() -> None:
+    """Import torch, transformers and (when installed) peft, without their import-time noise."""
+    with import_noise_silenced():
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        with contextlib.suppress(ImportError):
+            import peft  # noqa: F401
 
 
 def load_tokenizer(name_or_path: str) -> Any:

@@ -15,24 +15,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xtf_plugin.config import XTFConfigError
 from xtf_plugin.errors import XTFError
-from xtf_plugin.integrations.trl.trainer import XTFSFTTrainer
 
-# the trainers built in this process: referenced until it ends (see `_ReferencedTrainer`)
+if TYPE_CHECKING:
+    from xtf_plugin.integrations.trl.trainer import XTFSFTTrainer
+
+# the trainers built in this process: referenced until it ends (see `train`)
 _TRAINERS: list[XTFSFTTrainer] = []
-
-
-class _ReferencedTrainer(XTFSFTTrainer):
-    """`XTFSFTTrainer` that stays referenced after TRL's script returns. Freeing it frees the DDP reducer, whose
-    deallocation after the process group was destroyed runs gloo's teardown, which can deadlock (seen in CI);
-    `distributed.leave_group` ends the process while the trainer is still alive."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _TRAINERS.append(self)
 
 
 def make_parser():  # type: ignore[no-untyped-def]
@@ -53,8 +45,18 @@ def train(script_args, training_args, model_args, dataset_args) -> XTFSFTTrainer
     import trl
     from trl.scripts import sft as trl_sft
 
+    from xtf_plugin.integrations.trl.trainer import XTFSFTTrainer
+
+    class ReferencedTrainer(XTFSFTTrainer):
+        # Freeing the trainer frees the DDP reducer, whose deallocation after the process group was destroyed
+        # runs gloo's teardown, which can deadlock (seen in CI): `distributed.leave_group` ends the process while
+        # the trainer is still alive.
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _TRAINERS.append(self)
+
     original = trl.SFTTrainer
-    trl.SFTTrainer = _ReferencedTrainer
+    trl.SFTTrainer = ReferencedTrainer
     try:
         trl_sft.main(script_args, training_args, model_args, dataset_args)
     finally:
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> XTFSFTTrainer:
 
 if __name__ == "__main__":
     from xtf_plugin.distributed import is_main_process, leave_group
+    from xtf_plugin.models import import_model_libraries
 
+    import_model_libraries()
     try:
         trainer = main()
     except XTFError as error:  # e.g. a streaming dataset: one line, as the `xtf` command prints its errors
