@@ -602,6 +602,8 @@ def comparisons(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             pairs += [(arm, f"{data}/{other}") for other in others]
         elif method.startswith("cut:"):
             pairs += [(arm, f"{data}/sft"), (arm, f"{data}/xtf:{method[4:]}")]
+        if data == "noisy" and method.startswith(("xtf:", "cut:")):
+            pairs.append((arm, "clean/sft"))  # how much of the clean-data accuracy the filter gets back
         elif method in ("dft", "eaft") or method.startswith("random:"):
             pairs.append((arm, f"{data}/sft"))
     pairs.append(("noisy/sft", "clean/sft"))
@@ -718,7 +720,8 @@ def run_workers(args: argparse.Namespace, setup: Setup, todo: list[RunSpec], var
             if spec.variant is not None and (spec.data, spec.variant) not in prepared:
                 continue
             # an XTF run that masks nothing is its plain-SFT run: wait for that instead of training it twice
-            if spec.method.startswith("xtf:") and unfinished(RunSpec(spec.data, "sft", spec.seed)):
+            if (spec.method.startswith("xtf:") and unfinished(RunSpec(spec.data, "sft", spec.seed))
+                    and nothing_dropped(setup, spec)):
                 continue
             pending.remove(spec)
             if done(spec):

@@ -316,6 +316,26 @@ def test_xtf_block_alone_switches_xtf_on_with_axolotl_021(tmp_path, tiny_dir):
     assert [name for name in PluginManager.get_instance().plugins if "XTFPlugin" in name] == ["xtf_plugin.XTFPlugin"]
 
 
+def test_remove_takes_the_selected_tokens_out_of_the_rows(tmp_path, tiny_dir):
+    """`action: remove`: every column aligned with `input_ids` loses the selected tokens; position ids restart."""
+    from axolotl.common.datasets import load_datasets
+
+    cfg = load_cfg(cfg_dict(tmp_path, tiny_dir, xtf={"preset": "paper", "action": "remove"}))
+    original = load_datasets(cfg=cfg).train_dataset
+    plugin = PluginManager.get_instance().plugins["xtf_plugin.XTFPlugin"]
+    cleaned = plugin.load_datasets(cfg, preprocess=False).train_dataset
+    removed = plugin.run.summary["dropped_tokens"]
+    assert removed > 0
+    assert sum(map(len, cleaned["input_ids"])) == sum(map(len, original["input_ids"])) - removed
+    for row in cleaned:
+        n = len(row["input_ids"])
+        assert len(row["labels"]) == n and len(row["attention_mask"]) == n
+        if "position_ids" in row:
+            assert row["position_ids"] == list(range(n))
+        if "length" in row:
+            assert row["length"] == n
+
+
 def test_plugin_is_a_lazy_attribute_of_the_package():
     """axolotl's `load_plugin("xtf_plugin.XTFPlugin")` imports `xtf_plugin` and reads the attribute; a bare
     `import xtf_plugin` imports neither axolotl nor TRL."""

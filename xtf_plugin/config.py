@@ -6,7 +6,7 @@ matters for the score cache:
 
 * scorer settings (`ri_layers`, `ri_exclude_sink`, `tr_*`) change what the model computes; changing one re-runs
   the model (`max_length` only changes the token ids `xtf score` gives the model, which the cache key holds);
-* selection settings (`preset`, `mode`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_p_threshold`, `ri_fence_k`,
+* selection settings (`preset`, `mode`, `action`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_p_threshold`, `ri_fence_k`,
   `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `protect`) only change which scored tokens are masked; changing
   them never re-runs the model.
 """
@@ -117,6 +117,12 @@ class XTFConfig(_Strict):
         False,
         description="weighted mode, XTFSFTTrainer only: weight each response token's loss by its combined score "
         "(in [0, 1]) instead of dropping tokens; not with packing or padding-free batches.",
+    )
+    action: Literal["mask", "remove"] = Field(
+        "mask",
+        description="What happens to a selected token: `mask` gives it label -100 and leaves it in the input "
+        "(the paper); `remove` also takes it out of the input, as if the response had been cleaned (meant for "
+        "spans selection, whose selections are whole sentences, lines and phrases).",
     )
     caps: AttributeCaps = Field(default_factory=AttributeCaps, description="Union mode per-attribute caps.")
     kn_p_threshold: float = Field(
@@ -248,6 +254,8 @@ class XTFConfig(_Strict):
             raise ValueError("tr_domain is 'auto' but tr_domain_words is set: remove one of them")
         if self.soft and self.mode != "weighted":
             raise ValueError("soft: true needs mode: weighted")
+        if self.soft and self.action == "remove":
+            raise ValueError("soft: true weights every token and removes none: set action: mask")
         return self
 
     # --- derived views ----------------------------------------------------------------------------

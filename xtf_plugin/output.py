@@ -3,7 +3,8 @@
 `train.parquet` has one row per input example, in input order: `input_ids`, `attention_mask`, `labels` (XTF's
 masked tokens set to -100), `xtf_ri`, `xtf_kn`, `xtf_tr` (float lists aligned with `input_ids`, NaN where a
 token has no score) and `xtf_drop` (reason bits: 1 = RI, 2 = KN, 4 = TR; 8 = masked with an off-task span, with TR). `trl sft` and axolotl read it as a
-pre-tokenised dataset as it is.
+pre-tokenised dataset as it is. With `action: remove` the three training columns lack the removed tokens, and
+`xtf_input_ids` / `xtf_labels` hold every token, aligned with the score columns.
 
 The folder is written next to its destination under a temporary name and renamed into place, so an
 interrupted run never leaves half an output. `read_output_dir` reads it back into flat arrays (example `i` owns
@@ -47,18 +48,28 @@ def scored_table(scored: Any):  # type: ignore[no-untyped-def]
     """A pyarrow Table of a `ScoredDataset` (columns as described in the module docstring)."""
     import pyarrow as pa
 
+    from xtf_plugin.token_scores import flatten
+
     offsets = scored.offsets
-    return pa.table(
-        {
-            "input_ids": list_array(scored.input_ids.astype(np.int64), offsets),
-            "attention_mask": list_array(np.ones(len(scored.input_ids), np.int8), offsets),
-            "labels": list_array(scored.filtered_labels, offsets),
-            "xtf_ri": list_array(scored.scores.ri, offsets),
-            "xtf_kn": list_array(scored.scores.kn, offsets),
-            "xtf_tr": list_array(scored.scores.tr, offsets),
-            "xtf_drop": list_array(scored.selection.reasons.astype(np.int8), offsets),
-        }
-    )
+    ids, labels, _ = scored.training_examples()
+    flat_ids, train_offsets = flatten(ids)
+    flat_labels, _ = flatten(labels)
+    columns = {
+        "input_ids": list_array(flat_ids, train_offsets),
+        "attention_mask": list_array(np.ones(len(flat_ids), np.int8), train_offsets),
+        "labels": list_array(flat_labels, train_offsets),
+    }
+    if scored.config.action == "remove":
+        # the training columns lack the removed tokens; the scores keep every token, with the example they belong to
+        columns["xtf_input_ids"] = list_array(scored.input_ids.astype(np.int64), offsets)
+        columns["xtf_labels"] = list_array(scored.filtered_labels, offsets)
+    columns.update({
+        "xtf_ri": list_array(scored.scores.ri, offsets),
+        "xtf_kn": list_array(scored.scores.kn, offsets),
+        "xtf_tr": list_array(scored.scores.tr, offsets),
+        "xtf_drop": list_array(scored.selection.reasons.astype(np.int8), offsets),
+    })
+    return pa.table(columns)
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -142,7 +153,9 @@ def read_output_dir(directory: str | Path) -> ScoredDir:
     missing = [c for c in required if c not in table.column_names]
     if missing:
         raise XTFError(f"{path / TRAIN_FILE}: missing column(s) {', '.join(missing)}; expected the output of `xtf score`")
-    lengths = np.array(table.column("input_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False), np.int64)
+    # `action: remove`: the training columns lack the removed tokens, the xtf_ ones have every token
+    ids_column, labels_column = ("xtf_input_ids", "xtf_labels") if "xtf_input_ids" in table.column_names else ("input_ids", "labels")
+    lengths = np.array(table.column(ids_column).combine_chunks().value_lengths().to_numpy(zero_copy_only=False), np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     summary: dict[str, Any] = {}
     if (path / SUMMARY_FILE).is_file():
@@ -158,8 +171,8 @@ def read_output_dir(directory: str | Path) -> ScoredDir:
         path=path,
         summary=summary,
         config=config,
-        input_ids=_flat(table, "input_ids", np.int64),
-        labels=_flat(table, "labels", np.int64),
+        input_ids=_flat(table, ids_column, np.int64),
+        labels=_flat(table, labels_column, np.int64),
         offsets=offsets,
         ri=_flat(table, "xtf_ri", np.float32),
         kn=_flat(table, "xtf_kn", np.float32),

@@ -71,6 +71,24 @@ class ScoredDataset:
         """Cut a flat `[n_tokens]` array into one array per example."""
         return np.split(flat, self.offsets[1:-1])
 
+    @property
+    def kept_in_input(self) -> np.ndarray:
+        """bool `[n_tokens]`: tokens that stay in the training input (all with `action: mask`; with `remove`, all
+        but the selected ones)."""
+        if self.config.action == "remove":
+            return self.selection.reasons == 0
+        return np.ones(len(self.input_ids), bool)
+
+    def training_examples(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """What to train on, per example: (input_ids `[L'_i]`, labels `[L'_i]`, kept `[L_i]`). `kept` says which
+        of the example's tokens remain; with `action: mask` all do and the labels carry the -100s."""
+        kept = self.kept_in_input
+        ids, labels = self.per_example(self.input_ids), self.per_example(self.filtered_labels)
+        keep = self.per_example(kept)
+        if self.config.action != "remove":
+            return ids, labels, keep
+        return [x[k] for x, k in zip(ids, keep, strict=True)], [y[k] for y, k in zip(labels, keep, strict=True)], keep
+
 
 def score_dataset(
     model: torch.nn.Module,

@@ -48,14 +48,22 @@ class MaskedExamples:
     """Result of `mask_examples`.
 
     Attributes:
-        labels: one int64 array `[L_i]` per example, XTF's dropped tokens set to -100.
+        labels: one int64 array `[L'_i]` per example, XTF's dropped tokens set to -100 (`action: mask`, then
+            `L'_i = L_i`) or taken out (`action: remove`).
         scored: the full `ScoredDataset` (scores, reasons, selection).
         summary: `summarize(scored)`.
+        kept: one bool array `[L_i]` per example: the example's tokens that stay in the input (all of them
+            with `action: mask`).
     """
 
     labels: list[np.ndarray]
     scored: ScoredDataset
     summary: dict[str, Any]
+    kept: list[np.ndarray]
+
+    @property
+    def removes_tokens(self) -> bool:
+        return self.scored.config.action == "remove"
 
     @property
     def log_metrics(self) -> dict[str, float]:
@@ -132,7 +140,8 @@ def mask_examples(
             file=sys.stderr,
             flush=True,
         )
-    return MaskedExamples(scored.per_example(scored.filtered_labels), scored, summary)
+    _, labels_out, kept = scored.training_examples()
+    return MaskedExamples(labels_out, scored, summary, kept)
 
 
 def with_column(dataset: Any, name: str, rows: Sequence[np.ndarray]) -> Any:
@@ -149,6 +158,32 @@ def with_column(dataset: Any, name: str, rows: Sequence[np.ndarray]) -> Any:
     column = list_array(flat, offsets)
     value = "float32" if flat.dtype.kind == "f" else "int64"
     return dataset.add_column(name, column, feature=SequenceFeature(Value(value)))
+
+
+def apply_to_dataset(dataset: Any, result: MaskedExamples) -> Any:
+    """The `datasets.Dataset` the masks were computed for, with XTF's labels; with `action: remove` also without
+    the removed tokens in every column aligned with `input_ids` (`attention_mask`, `completion_mask`, ...), and
+    `position_ids` / `length` recomputed for the shorter rows."""
+    if not result.removes_tokens:
+        return with_column(dataset, "labels", result.labels)
+    lengths = [len(k) for k in result.kept]
+    for name in dataset.column_names:
+        if name in ("input_ids", "labels", "position_ids", "length"):
+            continue
+        feature = dataset.features[name]
+        if not hasattr(feature, "feature") and not isinstance(feature, list):  # not a list column
+            continue
+        rows = dataset.with_format("numpy", columns=[name])[name]
+        if all(len(row) == n for row, n in zip(rows, lengths, strict=True)):
+            dataset = with_column(dataset, name, [np.asarray(row)[k] for row, k in zip(rows, result.kept, strict=True)])
+    ids = dataset.with_format("numpy", columns=["input_ids"])["input_ids"]
+    dataset = with_column(dataset, "input_ids", [np.asarray(row)[k] for row, k in zip(ids, result.kept, strict=True)])
+    dataset = with_column(dataset, "labels", result.labels)
+    if "position_ids" in dataset.column_names:
+        dataset = with_column(dataset, "position_ids", [np.arange(len(row), dtype=np.int64) for row in result.labels])
+    if "length" in dataset.column_names:
+        dataset = dataset.remove_columns("length").add_column("length", [len(row) for row in result.labels])
+    return dataset
 
 
 def soft_weights(scored: ScoredDataset) -> list[np.ndarray]:

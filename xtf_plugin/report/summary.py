@@ -98,6 +98,7 @@ def summarize(scored: Any) -> dict[str, Any]:
         },
         "mode": scored.config.mode,
         "preset": scored.config.preset,
+        "action": scored.config.action,
         **({"dropped_spans": spans} if (spans := dropped_spans(scored)) is not None else {}),
         **scored.stats,
     }
@@ -113,7 +114,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     if spans is not None:
         return (
             f"XTF: kept {summary['kept_fraction']:.1%} of {summary['response_tokens']} response tokens in "
-            f"{summary['examples']} examples; masked {spans['dropped_spans']} off-task spans of {spans['spans']} "
+            f"{summary['examples']} examples; {'removed' if summary.get('action') == 'remove' else 'masked'} "
+            f"{spans['dropped_spans']} off-task spans of {spans['spans']} "
             f"in {spans['examples_with_a_dropped_span']} examples"
             + (f", e.g. {spans['most_surprising'][0]['text'].strip()!r}" if spans["most_surprising"] else "")
         )

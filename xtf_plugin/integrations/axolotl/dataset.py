@@ -26,7 +26,7 @@ from xtf_plugin.config import to_xtf_config
 from xtf_plugin.distributed import is_main_process, local_device
 from xtf_plugin.errors import XTFError
 from xtf_plugin.integrations.axolotl.args import SOFT_UNSUPPORTED
-from xtf_plugin.integrations.common import mask_examples, with_column, write_training_report
+from xtf_plugin.integrations.common import apply_to_dataset, mask_examples, write_training_report
 from xtf_plugin.pipeline import SHARD_EXAMPLES
 
 
@@ -151,6 +151,5 @@ def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
         extra={"quantized": quantized},
     )
     run.extra["report"] = write_training_report(result, cfg.get("output_dir"))
-    masked = result.labels
-    del result, input_ids, labels
-    return with_column(dataset, "labels", masked), run
+    del input_ids, labels
+    return apply_to_dataset(dataset, result), run

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xtf_plugin.config import XTFConfig, to_xtf_config
+from xtf_plugin.config import XTFConfig, XTFConfigError, to_xtf_config
 from xtf_plugin.errors import XTFError
 from xtf_plugin.integrations.common import (
     MaskedExamples,
@@ -61,6 +61,11 @@ class XTFCallback(XTFLogCallback):
     def __init__(self, xtf_config: XTFConfig | dict[str, Any] | str | None = None) -> None:
         super().__init__()
         self.xtf_config = to_xtf_config(xtf_config)
+        if self.xtf_config.action == "remove":
+            raise XTFConfigError(
+                "xtf.action: remove changes the input tokens, which a callback cannot do to a stock trainer's "
+                "prepared batches; use XTFSFTTrainer (or xtf sft), or action: mask"
+            )
         self.xtf_result: MaskedExamples | None = None
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):  # type: ignore[no-untyped-def]

@@ -32,6 +32,7 @@ from xtf_plugin.config import XTFConfig
 from xtf_plugin.errors import XTFError
 from xtf_plugin.integrations.common import (
     MaskedExamples,
+    apply_to_dataset,
     mask_examples,
     soft_weights,
     tokenizer_of,
@@ -137,7 +138,7 @@ class XTFSFTTrainer(SFTTrainer):
             if labels is None:
                 dataset = with_column(dataset, "labels", scored.per_example(scored.labels))
             return with_column(dataset, WEIGHT_COLUMN, weights)
-        dataset = with_column(dataset, "labels", self.xtf_result.labels)
+        dataset = apply_to_dataset(dataset, self.xtf_result)
         if self._xtf_postponed_packing:
             dataset = SFTTrainer._prepare_dataset(
                 self, dataset, self.processing_class, self.args, True, None, "train"
