@@ -154,13 +154,22 @@ def test_missing_fields_for_format(tiny_model_dir, tmp_path, rows, format, needl
     assert_clean_error(score(tiny_model_dir, data, out, "--format", format), out, str(data), *needles)
 
 
-def test_empty_response_is_refused_with_its_row(tiny_model_dir, tmp_path):
-    # An empty answer is a broken example (a failed generation, a bad export): scoring cannot filter it and
-    # training on it teaches the model to stop at once, so it is named rather than passed through. (Each
-    # format's empty-response check: tests/test_data.py.)
+def test_empty_response_is_kept_counted_and_named(tiny_model_dir, tmp_path, cache_dir):
+    """TRL and axolotl train on an example with an empty answer (its end of sequence), so XTF keeps it,
+    counts it in summary.json and names its row in one warning; nothing of it is masked."""
     out = tmp_path / "out"
-    data = write_jsonl(tmp_path / "rows.jsonl", [gsm8k_rows(1)[0], {"question": "How many?", "answer": "   "}])
-    assert_clean_error(score(tiny_model_dir, data, out), out, str(data), "row 2", "empty")
+    rows = [gsm8k_rows(1)[0], {"question": "How many?", "answer": "   "}, {"question": "And now?", "answer": ""}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    result = score(tiny_model_dir, data, out, "--set", "preset=paper")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "empty response" in line]
+    assert len(warnings) == 1 and "2 example(s)" in warnings[0] and "(rows 2, 3)" in warnings[0], result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == 3 and summary["examples_empty_response"] == 2
+    table = pq.read_table(out / "train.parquet").to_pydict()
+    for row in (1, 2):
+        trained = [label for label in table["labels"][row] if label != -100]
+        assert trained and all(reason == 0 for reason in table["xtf_drop"][row])
 
 
 def test_entirely_protected_response_is_kept_unmasked(tiny_model_dir, tiny_tokenizer, tmp_path, cache_dir):

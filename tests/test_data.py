@@ -454,9 +454,6 @@ def test_missing_column_names_row_and_column(chat_tokenizer):
 @pytest.mark.parametrize(
     ("record", "fragment"),
     [
-        ({"prompt": "p", "completion": "  \n"}, "the response is empty"),
-        ({"instruction": "i", "output": ""}, "is empty"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}, "is empty"),
         ({"messages": [{"role": "user", "content": "q"}]}, "no assistant message"),
         ({"messages": []}, "non-empty list"),
         (
@@ -480,9 +477,22 @@ def _valid_like(record: dict) -> dict:
     return {"instruction": "i", "output": "o"}
 
 
-def test_empty_response_without_chat_template(plain_tokenizer):
-    message = one_line_error(tokenize_records, [{"instruction": "i", "output": " "}], plain_tokenizer)
-    assert message == "data: row 1: the response is empty"
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt": "p", "completion": ""},
+        {"instruction": "i", "output": ""},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+    ],
+)
+def test_empty_response_is_kept_and_counted(chat_tokenizer, record):
+    """TRL and axolotl train on such a row (its end of sequence / end of turn), so it is kept and listed."""
+    records = [_valid_like(record), record, _valid_like(record)]
+    data = tokenize_records(records, chat_tokenizer)
+    assert len(data) == 3 and data.empty_response == [1]
+    trained = data.input_ids[1][data.labels[1] != -100].tolist()
+    assert trained and trained[-1] in (chat_tokenizer.eos_token_id, chat_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert len(trained) <= 2  # the end token (and at most a whitespace token the template writes before it)
 
 
 def test_unknown_format_and_no_records(chat_tokenizer):

@@ -61,6 +61,13 @@ def command_score(args: argparse.Namespace) -> int:
     return code
 
 
+def _warn_rows(rows: list[int], source: str, what: str) -> None:
+    """One warning for all the rows with the same problem, naming the first few (1-based, as errors do)."""
+    if rows:
+        shown = ", ".join(str(row + 1) for row in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        logger.warning("%s: %d example(s) with %s (rows %s)", source, len(rows), what, shown)
+
+
 def _score_and_write(
     args: argparse.Namespace,
     config: Any,
@@ -78,6 +85,12 @@ def _score_and_write(
 
     tokenizer = load_tokenizer(args.model)
     data = tokenize_records(records, tokenizer, data_format, config.max_length, source=args.data)
+    _warn_rows(data.empty_response, args.data, "an empty response: kept, only the end-of-sequence token is trained")
+    _warn_rows(data.no_response, args.data, f"no trained token (after truncation to max_length {config.max_length}): "
+               "kept, nothing of them is trained")
+    if data.truncated:
+        logger.warning("%s: %d examples are longer than max_length %d and were truncated (set max_length to keep "
+                       "more)", args.data, data.truncated, config.max_length)
     model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device or rank_device)
     main_rank = is_main_process()
     scored = score_dataset(model, tokenizer, data, config, progress=main_rank and not args.quiet, use_cache=not args.no_cache)

@@ -47,6 +47,9 @@ class TokenizedData:
         labels: one int64 array `[L_i]` per example; -100 where not trained.
         truncated: how many examples were cut to `max_length`.
         format: the format used.
+        no_response: indices (0-based) of examples without a trained token (e.g. cut before the response).
+        empty_response: indices of examples whose response text is empty: kept, as TRL and axolotl keep them,
+            with only the EOS / end-of-turn token trained.
     """
 
     input_ids: list[np.ndarray]
@@ -54,6 +57,7 @@ class TokenizedData:
     truncated: int = 0
     format: str = "tokenized"
     no_response: list[int] = field(default_factory=list)
+    empty_response: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -191,6 +195,8 @@ def tokenize_records(
     for row, record in enumerate(records, start=1):
         where = f"{source}: row {row}"
         ids, labels = _tokenize_one(record, tokenizer, fmt, where)
+        if _response_is_empty(record, fmt):
+            data.empty_response.append(row - 1)
         if len(ids) > max_length:
             ids, labels = ids[:max_length], labels[:max_length]
             data.truncated += 1
@@ -199,6 +205,19 @@ def tokenize_records(
         data.input_ids.append(ids)
         data.labels.append(labels)
     return data
+
+
+def _response_is_empty(record: dict[str, Any], fmt: str) -> bool:
+    """Whether a row's response text (completion, output or answer, or an assistant turn) is blank."""
+    if fmt == "messages":
+        turns = record.get("messages") or []
+        return any(isinstance(m, dict) and m.get("role") == "assistant" and not str(m.get("content", "")).strip()
+                   for m in turns)
+    for key in ("completion", "output", "answer"):
+        if key in record:
+            value = record[key]
+            return isinstance(value, str) and not value.strip()
+    return False
 
 
 def resolve_format(records: Sequence[dict[str, Any]], format: str = "auto", source: str = "data") -> str:
@@ -279,8 +298,6 @@ def _encode(tokenizer, text: str, special: bool = False) -> list[int]:  # type: 
 
 def tokenize_prompt_completion(prompt: str, completion: str, tokenizer, where: str = "example") -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """prompt + completion + EOS; the completion and EOS are trained (as `trl sft` does for plain text)."""
-    if not completion.strip():
-        raise XTFError(f"{where}: the response is empty")
     prompt_ids = _encode(tokenizer, prompt, special=True)
     completion_ids = _encode(tokenizer, completion)
     if tokenizer.eos_token_id is not None:
@@ -312,8 +329,6 @@ def tokenize_messages(messages: Sequence[dict[str, Any]], tokenizer, where: str 
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise XTFError(f"{where}: message {k} needs 'role' and 'content'")
         if message["role"] == "assistant":
-            if not str(message["content"]).strip():
-                raise XTFError(f"{where}: assistant message {k} is empty")
             prompt_text = _render(tokenizer, messages[:k], where, generation_prompt=True)
             rendered = _append_piece(tokenizer, rendered, prompt_text, ids, labels, trained=False, where=where)
             turn_text = _render(tokenizer, messages[: k + 1], where, generation_prompt=False)

@@ -50,6 +50,7 @@ class ScoredDataset:
     domain_words: list[str] = field(default_factory=list)
     spans: Spans | None = None
     truncated: int = 0
+    empty_response: list[int] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -146,6 +147,7 @@ def score_dataset(
         domain_words=domain_words,
         spans=spans,
         truncated=data.truncated,
+        empty_response=list(data.empty_response),
         stats={
             "scoring_seconds": round(stats.seconds, 3),
             "total_seconds": round(time.perf_counter() - started, 3),

@@ -80,6 +80,7 @@ def summarize(scored: Any) -> dict[str, Any]:
         "examples": scored.n_examples,
         "examples_truncated": scored.truncated,
         "examples_without_response": int((per_example_response == 0).sum()),
+        "examples_empty_response": len(getattr(scored, "empty_response", [])),
         "response_tokens": n_response,
         "dropped_tokens": dropped,
         "dropped_fraction": fraction(dropped),
