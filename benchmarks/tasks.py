@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 NAMES = [
     "Tom", "Ana", "Ravi", "Mia", "Leo", "Sara", "Ken", "Nora", "Omar", "Lily", "Ben", "Zoe", "Ivan", "Emma",
@@ -51,6 +52,21 @@ class Task(Protocol):
     def answered(self, generated: str) -> bool:
         """Whether the first answer of a generation is complete (nothing after it changes the score)."""
         ...
+
+
+def distinct_splits(draw: Callable[[random.Random], Any], n_train: int, n_eval: int, seed: int
+                    ) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) examples from `draw`, none sharing a `key`; the held-out ones are drawn first, so they do
+    not depend on `n_train`."""
+    rng = random.Random(seed)
+    seen: set[Any] = set()
+    examples: list[Any] = []
+    while len(examples) < n_eval + n_train:
+        example = draw(rng)
+        if example.key not in seen:
+            seen.add(example.key)
+            examples.append(example)
+    return examples[n_eval:], examples[:n_eval]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,17 +136,8 @@ class Arithmetic:
     max_new_tokens = 68
 
     def splits(self, n_train: int, n_eval: int, seed: int) -> tuple[list[TaskExample], list[TaskExample]]:
-        """Train and held-out problems; no arithmetic (start, deltas) is shared between or within them. The
-        held-out problems are drawn first, so they do not depend on `n_train`."""
-        rng = random.Random(seed)
-        seen: set[tuple[int, int, int]] = set()
-        problems: list[TaskExample] = []
-        while len(problems) < n_eval + n_train:
-            problem = random_problem(rng)
-            if problem.key not in seen:
-                seen.add(problem.key)
-                problems.append(problem)
-        return problems[n_eval:], problems[:n_eval]
+        """Train and held-out problems; no arithmetic (start, deltas) is shared between or within them."""
+        return distinct_splits(random_problem, n_train, n_eval, seed)
 
     def distractor(self, rng: random.Random) -> str:
         return str(rng.randint(2, 99))
@@ -254,16 +261,8 @@ class Records:
     max_new_tokens = 96
 
     def splits(self, n_train: int, n_eval: int, seed: int) -> tuple[list[TaskExample], list[TaskExample]]:
-        """Train and held-out records; no (people, target, fields) is shared. Held-out records are drawn first."""
-        rng = random.Random(seed)
-        seen: set[tuple[str, str, str, tuple[str, str]]] = set()
-        records: list[TaskExample] = []
-        while len(records) < n_eval + n_train:
-            record = random_record(rng)
-            if record.key not in seen:
-                seen.add(record.key)
-                records.append(record)
-        return records[n_eval:], records[:n_eval]
+        """Train and held-out records; no (people, target, fields) is shared between or within them."""
+        return distinct_splits(random_record, n_train, n_eval, seed)
 
     def distractor(self, rng: random.Random) -> str:
         return rng.choice([*CITIES, *JOBS, str(rng.randint(1950, 2005))])
