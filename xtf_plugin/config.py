@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,11 +25,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from xtf_plugin.errors import XTFError
 
-ATTRIBUTES: tuple[str, ...] = ("reasoning", "novelty", "relevance")
-"""The three XTF attributes, in reason-bit order (1, 2, 4)."""
 
-REASON_BITS: dict[str, int] = {"reasoning": 1, "novelty": 2, "relevance": 4}
-"""Bit set in `xtf_drop` when a token is dropped for lacking that attribute."""
+@dataclass(frozen=True)
+class Attribute:
+    """One of XTF's three token attributes.
+
+    Attributes:
+        name: the attribute (`reasoning`), as in settings (`weights.reasoning`) and summaries.
+        short: its score's short name (`RI`), as reports write it.
+        field: the score's field of `TokenScores` and column `xtf_<field>` of the output (`ri`).
+        bit: the reason bit set in `xtf_drop` when a token is dropped for lacking it (1, 2, 4).
+    """
+
+    name: str
+    short: str
+    field: str
+    bit: int
+
+
+ATTRIBUTE_REGISTRY: tuple[Attribute, ...] = (
+    Attribute("reasoning", "RI", "ri", 1),
+    Attribute("novelty", "KN", "kn", 2),
+    Attribute("relevance", "TR", "tr", 4),
+)
+"""The one table of the three attributes, in reason-bit order; every other view below derives from it."""
+
+ATTRIBUTES: tuple[str, ...] = tuple(a.name for a in ATTRIBUTE_REGISTRY)
+REASON_BITS: dict[str, int] = {a.name: a.bit for a in ATTRIBUTE_REGISTRY}
+SHORT_NAMES: dict[str, str] = {a.name: a.short for a in ATTRIBUTE_REGISTRY}
+SCORE_FIELDS: tuple[str, ...] = tuple(a.field for a in ATTRIBUTE_REGISTRY)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xtf_plugin.config import SCORE_FIELDS
+
 
 @dataclass
 class TokenScores:
@@ -30,7 +32,7 @@ class TokenScores:
     kn: np.ndarray
     tr: np.ndarray
 
-    ATTRIBUTE_FIELDS = ("ri", "kn", "tr")
+    ATTRIBUTE_FIELDS = SCORE_FIELDS
 
     def __post_init__(self) -> None:
         self.offsets = np.asarray(self.offsets, dtype=np.int64)

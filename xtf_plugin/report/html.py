@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from xtf_plugin.config import ATTRIBUTES
+from xtf_plugin.config import ATTRIBUTE_REGISTRY, ATTRIBUTES, SHORT_NAMES
 from xtf_plugin.output import ScoredDir
-from xtf_plugin.report.stats import SHORT_NAMES, dropped_fractions, per_example_counts, score_histograms
+from xtf_plugin.report.stats import dropped_fractions, per_example_counts, score_histograms
 from xtf_plugin.report.summary import pairwise_overlaps, reason_combinations, reason_counts, top_dropped_tokens
 
 COLORS: dict[str, str] = {"reasoning": "#e45756", "novelty": "#4c78a8", "relevance": "#54a24b", "several": "#e8b90f"}
@@ -276,8 +276,10 @@ def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFA
     )
     legend = "".join(
         f"<span class='tok drop drop-{key}'>{label}</span> "
-        for key, label in (("ri", "RI"), ("kn", "KN"), ("tr", "TR"), ("multi", "several"), ("tr drop-span", "off-task span"))
+        for key, label in (*((a.field, a.short) for a in ATTRIBUTE_REGISTRY), ("multi", "several"),
+                           ("tr drop-span", "off-task span"))
     )
+    attribute_options = "".join(f'<option value="{a.bit}">dropped by {a.short}</option>' for a in ATTRIBUTE_REGISTRY)
     body = f"""
 <h1>XTF report <small>{_esc(scored.path.name)}</small></h1>
 <section class="grid">
@@ -297,7 +299,7 @@ limit how many of the tokens past a threshold are dropped); dashed: thresholds.<
  <input id="q" type="search" placeholder="search text..." aria-label="search">
  <select id="reason" aria-label="filter by reason">
   <option value="all">all examples</option><option value="any">with a dropped token</option>
-  <option value="1">dropped by RI</option><option value="2">dropped by KN</option><option value="4">dropped by TR</option>
+  {attribute_options}
   <option value="8">an off-task span</option>
   <option value="16">a token with several reasons</option><option value="none">nothing dropped</option>
  </select>
@@ -312,7 +314,7 @@ limit how many of the tokens past a threshold are dropped); dashed: thresholds.<
 <div id="examples"></div>
 </section>
 """
-    return TEMPLATE.format(title=_esc(f"XTF report: {scored.path.name}"), css=CSS, body=body, data=data, page_size=int(page_size), js=JS)
+    return TEMPLATE.format(title=_esc(f"XTF report: {scored.path.name}"), css=CSS, body=body, data=data, page_size=int(page_size), js=_script())
 
 
 def write_html(scored: ScoredDir, path: str | Path, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> Path:
@@ -355,16 +357,24 @@ table.kv td {{ text-align: right; }}
 @media (max-width: 800px) {{ .grid, .tops {{ grid-template-columns: 1fr; }} }}
 """
 
+def _script() -> str:
+    """The viewer's script, with the attribute tables of `config.ATTRIBUTE_REGISTRY` filled in."""
+    names = {a.bit: a.short for a in ATTRIBUTE_REGISTRY}
+    classes = {a.bit: f"drop-{a.field}" for a in ATTRIBUTE_REGISTRY}
+    return (JS.replace("/*NAMES*/", json.dumps(names)).replace("/*CLASSES*/", json.dumps(classes))
+            .replace("/*BITS*/", json.dumps([a.bit for a in ATTRIBUTE_REGISTRY])))
+
+
 JS = r"""
 (function () {
   var D = JSON.parse(document.getElementById('xtf-data').textContent);
   var V = D.vocab, E = D.examples, PAGE = parseInt(document.body.dataset.pageSize, 10) || 50;
-  var NAMES = {1: 'RI', 2: 'KN', 4: 'TR'}, CLS = {1: 'drop-ri', 2: 'drop-kn', 4: 'drop-tr'};
+  var NAMES = /*NAMES*/, CLS = /*CLASSES*/, BITS = /*BITS*/;
   var texts = null, page = 0, view = [];
   var q = document.getElementById('q'), reason = document.getElementById('reason'), sort = document.getElementById('sort');
   var out = document.getElementById('examples'), info = document.getElementById('pageinfo'), tip = document.getElementById('tip');
   function text(e) { var s = ''; for (var j = 0; j < e[4].length; j++) s += V[e[4][j]]; return s; }
-  function reasons(bits) { var r = []; [1, 2, 4].forEach(function (b) { if (bits & b) r.push(NAMES[b]); }); return r; }
+  function reasons(bits) { var r = []; BITS.forEach(function (b) { if (bits & b) r.push(NAMES[b]); }); return r; }
   function fmt(x) { return x === null ? 'n/a' : String(x); }
   function describe(e, j) {
     var bits = e[5][j];

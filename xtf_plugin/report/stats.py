@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from xtf_plugin.config import ATTRIBUTES, REASON_BITS
+from xtf_plugin.config import ATTRIBUTES, REASON_BITS, SHORT_NAMES
 
-SHORT_NAMES: dict[str, str] = {"reasoning": "RI", "novelty": "KN", "relevance": "TR"}
 """Attribute -> the abbreviation of its score."""
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from xtf_plugin.config import REASON_BITS
+from xtf_plugin.config import REASON_BITS, SHORT_NAMES
 from xtf_plugin.output import ScoredDir
-from xtf_plugin.report.stats import SHORT_NAMES, reason_names
+from xtf_plugin.report.stats import reason_names
 from xtf_plugin.selection import SPAN_BIT
 
 STYLES: dict[str, str] = {"reasoning": "black on red", "novelty": "black on blue", "relevance": "black on green"}
