@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def run_xtf_sft(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_xtf_sft(*args: str, cwd: Path = ROOT, **extra_env: str) -> subprocess.CompletedProcess:
     # PYTHONPATH: the processes import this checkout, whatever checkout the environment's editable install names
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), **extra_env}
     return subprocess.run(
         [str(BIN / "xtf"), "sft", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
     )
@@ -127,6 +128,7 @@ def test_xtf_sft_two_processes(tiny_model_dir, tmp_path, cache_dir):
     result = run_xtf_sft(
         "--config", "example_configs/trl-cpu.yaml", "--model_name_or_path", str(tiny_model_dir),
         "--output_dir", str(out), "--max_steps", "2", "--multi_gpu", "--num_processes", "2", "--use_cpu", "true",
+        XTF_VERBOSITY="debug",  # each rank's share of the work too
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr

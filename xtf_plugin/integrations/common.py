@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +15,8 @@ from transformers import TrainerCallback
 
 from xtf_plugin.config import ATTRIBUTES, XTFConfig
 from xtf_plugin.data import TokenizedData
-from xtf_plugin.distributed import is_main_process
+from xtf_plugin.distributed import is_main_process, rank
+from xtf_plugin.logs import status_logger
 from xtf_plugin.output import list_array
 from xtf_plugin.pipeline import ScoredDataset, score_dataset
 from xtf_plugin.report.summary import summarize, summary_line
@@ -130,16 +129,11 @@ def mask_examples(
         finally:
             scorer.train(was_training)
     summary = summarize(scored)
-    if is_main_process():
-        print(summary_line(summary), file=sys.stderr, flush=True)
-    else:
-        # each rank reports its own share of the forward passes (the summary line is the main process's)
-        print(
-            f"XTF rank {os.environ.get('RANK')}: {summary['forward_passes']} forward passes, "
-            f"{summary['cached_shards']} cached shards",
-            file=sys.stderr,
-            flush=True,
-        )
+    log = status_logger()
+    log.info(summary_line(summary))
+    # each rank's own share of the forward passes (shown with XTF_VERBOSITY=debug)
+    log.debug("XTF rank %d: %d forward passes, %d cached shards", rank(), summary["forward_passes"],
+              summary["cached_shards"])
     _, labels_out, kept = scored.training_examples()
     return MaskedExamples(labels_out, scored, summary, kept)
 
@@ -233,7 +227,7 @@ def write_training_report(result: MaskedExamples, output_dir: str | None) -> str
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     path = write_html(scored_dir_from_dataset(result.scored, result.summary, output_dir), Path(output_dir) / REPORT_FILE)
-    print(f"XTF: report of the training set written to {path}", file=sys.stderr, flush=True)
+    status_logger().info("XTF: report of the training set written to %s", path)
     return str(path)
 
 
