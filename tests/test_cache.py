@@ -122,3 +122,55 @@ def test_temporaries_of_killed_writers_are_removed_after_a_day(tmp_path):
     cache.save("forward", "ab" + "1" * 62, {"x": np.arange(3)})
     assert not stale.exists() and fresh.exists()
     np.testing.assert_array_equal(cache.load("forward", "ab" + "1" * 62, ["x"])["x"], np.arange(3))
+
+
+def test_two_processes_sharing_a_cache_never_corrupt_it(tiny_model_dir, gsm8k_jsonl, tmp_path):
+    """Two `xtf score` runs on the same data and cache folder at the same time (two jobs, or ranks that are not
+    one process group): every entry both write is whole, and both outputs equal a single run's, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    shared = tmp_path / "shared-cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XTF_CACHE": str(shared),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def command(out):
+        return [sys.executable, "-m", "xtf_plugin.cli", "score", "--model", str(tiny_model_dir), "--data",
+                str(gsm8k_jsonl), "--out", str(out), "--quiet", "--set", "batch_size=2"]
+
+    runs = [subprocess.Popen(command(tmp_path / f"out{k}"), env=env, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    single = subprocess.run(command(tmp_path / "single"), env={**env, "XTF_CACHE": str(tmp_path / "own-cache")},
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    expected = pq.read_table(tmp_path / "single" / "train.parquet")
+    for k in range(2):
+        table = pq.read_table(tmp_path / f"out{k}" / "train.parquet")
+        assert table.column_names == expected.column_names
+        for name in expected.column_names:  # NaN (prompt tokens' scores) equal to NaN
+            np.testing.assert_array_equal(table[name].combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                                          expected[name].combine_chunks().flatten().to_numpy(zero_copy_only=False))
+            assert table[name].combine_chunks().value_lengths() == expected[name].combine_chunks().value_lengths()
+    entries = list(shared.rglob("*.npz"))
+    assert entries and not [e for e in entries if e.name.startswith(".tmp-")]
+    for entry in entries:
+        with np.load(entry) as archive:
+            assert "__meta__" in archive.files
+
+
+def test_unwritable_cache_warns_once_and_scores(tiny_model, tiny_tokenizer, data, tmp_path):
+    """A cache that cannot be written (here its folder's place is taken by a file; on a cluster, a read-only
+    model store) costs the saving only: one warning, the same scores."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    with pytest.warns(CacheWarning, match="cannot be written") as caught:
+        scored, _ = score(tiny_model, tiny_tokenizer, data, blocked)
+    assert sum("cannot be written" in str(w.message) for w in caught) == 1
+    reference, _ = score(tiny_model, tiny_tokenizer, data, tmp_path / "writable")
+    np.testing.assert_array_equal(scored.scores.kn, reference.scores.kn)
+    np.testing.assert_array_equal(scored.selection.reasons, reference.selection.reasons)

@@ -12,6 +12,7 @@ or whose recorded key differs is reported with a warning, deleted and recomputed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -103,6 +104,7 @@ class ScoreCache:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self.unwritable = False
 
     def path(self, kind: str, key: str) -> Path:
         """Where the entry `key` of `kind` lives."""
@@ -121,17 +123,26 @@ class ScoreCache:
                 arrays = {name: archive[name] for name in fields}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             warnings.warn(f"score cache entry {path} is unusable ({error}); recomputing", CacheWarning, stacklevel=2)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only cache keeps it
+                path.unlink(missing_ok=True)
             return None
         return arrays
 
-    def save(self, kind: str, key: str, arrays: dict[str, np.ndarray]) -> Path:
-        """Write an entry atomically and return its path."""
+    def save(self, kind: str, key: str, arrays: dict[str, np.ndarray]) -> Path | None:
+        """Write an entry atomically and return its path; None when the cache cannot be written (a read-only
+        mount, a full disk: one warning per cache, the run goes on without saving)."""
         path = self.path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(path.parent)
+            handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+        except OSError as error:
+            if not self.unwritable:
+                warnings.warn(f"score cache {self.root} cannot be written ({error}); new scores are not saved",
+                              CacheWarning, stacklevel=2)
+            self.unwritable = True
+            return None
         meta = np.frombuffer(json.dumps({"key": key, "version": CACHE_FORMAT_VERSION}).encode(), dtype=np.uint8)
-        handle, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as tmp:
                 np.savez(tmp, __meta__=meta, **arrays)
