@@ -36,7 +36,7 @@ def test_xtf_score_writes_the_cleaned_examples_and_keeps_every_score(tiny_model_
     # the report reads every token, the removed ones with their reasons
     scored = read_output_dir(out)
     assert len(scored.input_ids) == sum(len(row) for row in table["xtf_input_ids"])
-    assert (scored.reasons > 0).sum() == sum((np.asarray(r) > 0).sum() for r in table["xtf_drop"])
+    assert (scored.selection.reasons > 0).sum() == sum((np.asarray(r) > 0).sum() for r in table["xtf_drop"])
     assert main(["report", str(out), "--examples", "1"]) == 0
 
 

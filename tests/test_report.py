@@ -153,7 +153,7 @@ def test_html_report_in_headless_chromium(scored_dir, tmp_path):
     scored = read_output_dir(scored_dir)
     # the first page: 5 examples rendered by the script, every response token a span, dropped ones coloured
     assert dom.count('class="example"') == 5
-    first = np.concatenate([scored.reasons[scored.example_slice(i)][scored.response[scored.example_slice(i)]] for i in range(5)])
+    first = np.concatenate([scored.selection.reasons[scored.example_slice(i)][scored.response[scored.example_slice(i)]] for i in range(5)])
     spans = re.findall(r'<span class="(tok[^"]*)"', dom)
     assert len(spans) == len(first) + 5  # + the legend's five swatches
     dropped = [c for c in spans if "drop" in c.split()]

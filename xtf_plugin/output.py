@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,46 +101,23 @@ def write_output_dir(out_dir: Path, scored: Any, summary: dict[str, Any], overwr
     return out_dir
 
 
-@dataclass
-class ScoredDir:
-    """The contents of a scored folder, flat: example `i` owns positions `offsets[i]:offsets[i + 1]`."""
-
-    path: Path
-    summary: dict[str, Any]
-    config: dict[str, Any]
-    input_ids: np.ndarray
-    labels: np.ndarray
-    offsets: np.ndarray
-    ri: np.ndarray
-    kn: np.ndarray
-    tr: np.ndarray
-    reasons: np.ndarray
-    texts: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def n_examples(self) -> int:
-        """Number of examples."""
-        return len(self.offsets) - 1
-
-    @property
-    def response(self) -> np.ndarray:
-        """bool `[n_tokens]`: tokens trained before XTF (still trained, or masked by XTF)."""
-        return (self.labels != -100) | (self.reasons > 0)
-
-    def example_slice(self, index: int) -> slice:
-        """Positions of example `index` in the flat arrays."""
-        return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
-
-
 def _flat(table: Any, column: str, dtype: Any) -> np.ndarray:
     chunked = table.column(column)
     values = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in chunked.chunks]
     return np.concatenate(values).astype(dtype) if values else np.zeros(0, dtype)
 
 
-def read_output_dir(directory: str | Path) -> ScoredDir:
-    """Read `train.parquet`, `summary.json` and `xtf_config.yaml` of an `xtf score` output folder."""
+def read_output_dir(directory: str | Path) -> Any:
+    """Read `train.parquet`, `summary.json` and `xtf_config.yaml` of an `xtf score` output folder back into the
+    `ScoredDataset` that was written (labels as before XTF, reasons, scores, settings; `summary` and `source`
+    set; `protected` and the selection's `flagged` are not stored, so they are empty and equal to the reasons).
+    Token texts come with `attach_texts`."""
     import pyarrow.parquet as pq
+
+    from xtf_plugin.config import XTFConfigError, to_xtf_config
+    from xtf_plugin.pipeline import ScoredDataset
+    from xtf_plugin.selection import Selection
+    from xtf_plugin.token_scores import TokenScores
 
     path = Path(directory)
     if not path.is_dir():
@@ -163,25 +139,27 @@ def read_output_dir(directory: str | Path) -> ScoredDir:
             summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise XTFError(f"{path / SUMMARY_FILE}: invalid JSON") from error
-    config: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
     if (path / CONFIG_FILE).is_file():
         loaded = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-        config = dict(loaded.get("xtf", loaded)) if isinstance(loaded, dict) else {}
-    return ScoredDir(
-        path=path,
-        summary=summary,
-        config=config,
-        input_ids=_flat(table, ids_column, np.int64),
-        labels=_flat(table, labels_column, np.int64),
-        offsets=offsets,
-        ri=_flat(table, "xtf_ri", np.float32),
-        kn=_flat(table, "xtf_kn", np.float32),
-        tr=_flat(table, "xtf_tr", np.float32),
-        reasons=_flat(table, "xtf_drop", np.uint8),
-    )
+        settings = dict(loaded.get("xtf", loaded)) if isinstance(loaded, dict) else {}
+    try:
+        config = to_xtf_config(settings, source=f"{path / CONFIG_FILE}: xtf")
+    except XTFConfigError as error:
+        raise XTFError(f"{error} (written by another version of xtf_plugin? score the data again)") from error
+    input_ids = _flat(table, ids_column, np.int64)
+    reasons = _flat(table, "xtf_drop", np.uint8)
+    n = len(input_ids)
+    # the stored labels have XTF's masked tokens at -100; before XTF those were trained on their own token
+    labels = np.where(reasons > 0, input_ids, _flat(table, labels_column, np.int64))
+    scores = TokenScores(offsets, _flat(table, "xtf_ri", np.float32), _flat(table, "xtf_kn", np.float32),
+                         _flat(table, "xtf_tr", np.float32))
+    selection = Selection(reasons, reasons.copy(), np.full(n, np.nan, np.float32), dict(summary.get("thresholds", {})))
+    return ScoredDataset(input_ids, labels, offsets, scores, np.zeros(n, bool), selection, config, None,
+                         truncated=int(summary.get("examples_truncated", 0)), summary=summary, source=path)
 
 
-def attach_texts(scored: ScoredDir, model: str | None = None) -> ScoredDir:
+def attach_texts(scored: Any, model: str | None = None) -> Any:
     """Decode each distinct token id once with the tokenizer of `model` (default: the `model` recorded in
     `summary.json`; `demo` resolves to the demo model)."""
     from xtf_plugin.models import load_tokenizer
@@ -189,29 +167,7 @@ def attach_texts(scored: ScoredDir, model: str | None = None) -> ScoredDir:
 
     name = model or scored.summary.get("model")
     if not name:
-        raise XTFError(f"{scored.path}: summary.json names no model; pass --model PATH")
-    texts = TokenTexts(load_tokenizer(str(name)))
-    ids = np.unique(scored.input_ids).tolist()
-    texts.prepare(ids)
-    scored.texts = {int(t): texts[t] for t in ids}
+        raise XTFError(f"{scored.source}: summary.json names no model; pass --model PATH")
+    scored.texts = TokenTexts(load_tokenizer(str(name)))
+    scored.texts.prepare(np.unique(scored.input_ids).tolist())
     return scored
-
-
-def scored_dir_from_dataset(scored: Any, summary: dict[str, Any], path: str | Path = ".") -> ScoredDir:
-    """A `ScoredDir` straight from a freshly scored `ScoredDataset` (as the trainers hold it), texts included,
-    so a report can be written without going through the parquet."""
-    ids = np.unique(scored.input_ids).tolist()
-    scored.texts.prepare(ids)
-    return ScoredDir(
-        path=Path(path),
-        summary=summary,
-        config=scored.config.model_dump(mode="json"),
-        input_ids=scored.input_ids,
-        labels=scored.filtered_labels,
-        offsets=scored.offsets,
-        ri=scored.scores.ri,
-        kn=scored.scores.kn,
-        tr=scored.scores.tr,
-        reasons=scored.selection.reasons,
-        texts={int(t): scored.texts[t] for t in ids},
-    )

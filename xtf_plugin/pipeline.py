@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,8 @@ SHARD_EXAMPLES = 256
 @dataclass
 class ScoredDataset:
     """Tokenised examples with their scores, protected tokens and current selection (all flat, see
-    `TokenScores`)."""
+    `TokenScores`): what `score_dataset` returns and `output.read_output_dir` reads back (then with the
+    `summary` and the `source` folder, and `texts` once `output.attach_texts` has run)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
@@ -46,11 +48,13 @@ class ScoredDataset:
     protected: np.ndarray
     selection: Selection
     config: XTFConfig
-    texts: TokenTexts
+    texts: TokenTexts | None
     domain_words: list[str] = field(default_factory=list)
     spans: Spans | None = None
     truncated: int = 0
     empty_response: list[int] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -67,6 +71,10 @@ class ScoredDataset:
     def n_examples(self) -> int:
         """Number of examples."""
         return len(self.offsets) - 1
+
+    def example_slice(self, index: int) -> slice:
+        """Positions of example `index` in the flat arrays."""
+        return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
 
     def per_example(self, flat: np.ndarray) -> list[np.ndarray]:
         """Cut a flat `[n_tokens]` array into one array per example."""

@@ -222,11 +222,13 @@ def write_training_report(result: MaskedExamples, output_dir: str | None) -> str
         return None
     from pathlib import Path
 
-    from xtf_plugin.output import scored_dir_from_dataset
     from xtf_plugin.report.html import write_html
 
+    scored = result.scored
+    scored.summary, scored.source = result.summary, Path(output_dir)
+    scored.texts.prepare(np.unique(scored.input_ids).tolist())
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    path = write_html(scored_dir_from_dataset(result.scored, result.summary, output_dir), Path(output_dir) / REPORT_FILE)
+    path = write_html(scored, Path(output_dir) / REPORT_FILE)
     status_logger().info("XTF: report of the training set written to %s", path)
     return str(path)
 

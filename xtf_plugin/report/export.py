@@ -5,25 +5,28 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from xtf_plugin.output import ScoredDir
 from xtf_plugin.report.stats import reason_names
 from xtf_plugin.selection import SPAN_BIT
+
+if TYPE_CHECKING:
+    from xtf_plugin.pipeline import ScoredDataset
 
 
 def _score(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
 
 
-def write_tokens_jsonl(scored: ScoredDir, path: str | Path) -> int:
+def write_tokens_jsonl(scored: ScoredDataset, path: str | Path) -> int:
     """Write `{"example", "position", "token", "ri", "kn", "tr", "reasons", "span", "kept"}` per token (scores
     `null` where unscored, `reasons` the attribute names that dropped it, `span` true where it was masked with
     its off-task span, `kept` false for dropped tokens); returns the number of rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [reason_names(b) for b in range(8)]
-    ri, kn, tr = scored.ri.tolist(), scored.kn.tolist(), scored.tr.tolist()
-    ids, drop = scored.input_ids.tolist(), scored.reasons.tolist()
+    ri, kn, tr = scored.scores.ri.tolist(), scored.scores.kn.tolist(), scored.scores.tr.tolist()
+    ids, drop = scored.input_ids.tolist(), scored.selection.reasons.tolist()
     rows = 0
     with path.open("w", encoding="utf-8") as handle:
         for i in range(scored.n_examples):

@@ -9,14 +9,16 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xtf_plugin.config import ATTRIBUTE_REGISTRY, ATTRIBUTES, SHORT_NAMES
-from xtf_plugin.output import ScoredDir
 from xtf_plugin.report.stats import dropped_fractions, per_example_counts, score_histograms
 from xtf_plugin.report.summary import pairwise_overlaps, reason_combinations, reason_counts, top_dropped_tokens
+
+if TYPE_CHECKING:
+    from xtf_plugin.pipeline import ScoredDataset
 
 COLORS: dict[str, str] = {"reasoning": "#e45756", "novelty": "#4c78a8", "relevance": "#54a24b", "several": "#e8b90f"}
 """Highlight colour of a token dropped by one attribute, or by several."""
@@ -159,7 +161,7 @@ def _thresholds_rows(summary: dict[str, Any], config: dict[str, Any]) -> list[tu
         ) if fence is not None else "no spread in span surprise: nothing is off-task"))
     if config.get("drop_ratio") is not None:
         rows.append(("drop ratio", _esc(config["drop_ratio"])))
-    if config.get("caps"):
+    if config.get("caps") and config.get("mode") == "union":
         rows.append(("caps", ", ".join(f"{SHORT_NAMES.get(k, k)} {_esc(v)}" for k, v in config["caps"].items())))
     return rows
 
@@ -196,17 +198,17 @@ DEFAULT_MAX_EXAMPLES = 5000
 (the summary, charts and top tokens always cover every example)."""
 
 
-def examples_json(scored: ScoredDir, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
+def examples_json(scored: ScoredDataset, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
     """The viewer's data for the first `max_examples` examples: `vocab` (distinct token texts) and one row per example:
     `[index, response tokens, dropped tokens, reason mask, vocab indices, reason bits, ri, kn, tr]`, response
     tokens only (bits 1/2/4/8 as in `xtf_drop`; mask bit 16: some token has several reasons)."""
     response = scored.response
     ids = scored.input_ids[response]
     vocab_ids, inverse = np.unique(ids, return_inverse=True)
-    vocab = [scored.texts.get(int(t), f"<{int(t)}>") for t in vocab_ids]
-    drop = scored.reasons[response].astype(np.int64)
-    ri, kn, tr = (_numbers(a[response]) for a in (scored.ri, scored.kn, scored.tr))
-    n_response, n_dropped = per_example_counts(scored.offsets, response, scored.reasons)
+    vocab = scored.texts.of(vocab_ids.tolist())
+    drop = scored.selection.reasons[response].astype(np.int64)
+    ri, kn, tr = (_numbers(a[response]) for a in (scored.scores.ri, scored.scores.kn, scored.scores.tr))
+    n_response, n_dropped = per_example_counts(scored.offsets, response, scored.selection.reasons)
     bounds = np.concatenate([[0], np.cumsum(n_response)])
     several = np.array([bin(b).count("1") > 1 for b in range(8)])[drop & 7]
     rows = []
@@ -223,9 +225,9 @@ def examples_json(scored: ScoredDir, max_examples: int = DEFAULT_MAX_EXAMPLES) -
     return '{"vocab":' + json.dumps(vocab, ensure_ascii=False) + ',"examples":[' + ",\n".join(rows) + "]}"
 
 
-def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
+def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
     """The whole report as one HTML string (token texts must be attached: `output.attach_texts`)."""
-    summary, drop, response = scored.summary, scored.reasons, scored.response
+    summary, drop, response = scored.summary, scored.selection.reasons, scored.response
     n_response = int(response.sum())
     n_dropped = int((drop > 0).sum())
     counts = reason_counts(drop)
@@ -233,7 +235,7 @@ def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFA
     per_resp, per_drop = per_example_counts(scored.offsets, response, drop)
     fractions = dropped_fractions(per_resp, per_drop)
     rows = [
-        ("scored folder", _esc(scored.path.name)),
+        ("scored folder", _esc(scored.source.name)),
         ("model", _esc(summary.get("model", "?"))),
         ("data", _esc(summary.get("data", "?"))),
         ("examples", f"{scored.n_examples:,}"),
@@ -264,7 +266,7 @@ def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFA
             "word tokens, nats); each was masked whole, or only its surprising phrase</p><table><tr><th>example</th><th>surprise</th><th>span</th></tr>"
             + (items or "<tr><td colspan='3'>none</td></tr>") + "</table></section>"
         )
-    hists = score_histograms({"reasoning": scored.ri, "novelty": scored.kn, "relevance": scored.tr}, response, drop, summary)
+    hists = score_histograms({"reasoning": scored.scores.ri, "novelty": scored.scores.kn, "relevance": scored.scores.tr}, response, drop, summary)
     tops = top_dropped_tokens(scored.input_ids, drop, scored.texts, limit=10)
     data = examples_json(scored, max_examples).replace("</", "<\\/")
     shown = min(scored.n_examples, max_examples)
@@ -281,12 +283,12 @@ def render_html(scored: ScoredDir, page_size: int = 50, max_examples: int = DEFA
     )
     attribute_options = "".join(f'<option value="{a.bit}">dropped by {a.short}</option>' for a in ATTRIBUTE_REGISTRY)
     body = f"""
-<h1>XTF report <small>{_esc(scored.path.name)}</small></h1>
+<h1>XTF report <small>{_esc(scored.source.name)}</small></h1>
 <section class="grid">
  <div><h2>Dataset</h2>{_table(rows)}</div>
  <div><h2>Reason combinations</h2><p class="note">dropped tokens per exact set of reasons</p>
  {upset_svg(reason_combinations(drop))}
- <h2>Thresholds</h2>{_table(_thresholds_rows(summary, scored.config))}</div>
+ <h2>Thresholds</h2>{_table(_thresholds_rows(summary, scored.config.model_dump(mode="json")))}</div>
 </section>
 <section><h2>Scores of response tokens</h2>
 <p class="note">grey: all scored response tokens; colour: tokens dropped for that attribute (caps and the drop ratio
@@ -314,10 +316,10 @@ limit how many of the tokens past a threshold are dropped); dashed: thresholds.<
 <div id="examples"></div>
 </section>
 """
-    return TEMPLATE.format(title=_esc(f"XTF report: {scored.path.name}"), css=CSS, body=body, data=data, page_size=int(page_size), js=_script())
+    return TEMPLATE.format(title=_esc(f"XTF report: {scored.source.name}"), css=CSS, body=body, data=data, page_size=int(page_size), js=_script())
 
 
-def write_html(scored: ScoredDir, path: str | Path, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> Path:
+def write_html(scored: ScoredDataset, path: str | Path, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> Path:
     """Write the report to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

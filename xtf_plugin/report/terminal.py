@@ -4,12 +4,14 @@ coloured on a terminal, `[[token]](KN)` brackets with the reasons' abbreviations
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xtf_plugin.config import REASON_BITS, SHORT_NAMES
-from xtf_plugin.output import ScoredDir
 from xtf_plugin.report.stats import reason_names
 from xtf_plugin.selection import SPAN_BIT
+
+if TYPE_CHECKING:
+    from xtf_plugin.pipeline import ScoredDataset
 
 STYLES: dict[str, str] = {"reasoning": "black on red", "novelty": "black on blue", "relevance": "black on green"}
 SEVERAL_STYLE = "black on yellow"
@@ -21,14 +23,14 @@ def reasons_label(bits: int) -> str:
     return f"{label} span" if bits & SPAN_BIT else label
 
 
-def marked_text(scored: ScoredDir, index: int) -> str:
+def marked_text(scored: ScoredDataset, index: int) -> str:
     """The response of example `index` with each dropped token as `[[token]](KN)`, and each masked span as
     one `[[span text]](TR span)`."""
     part = scored.example_slice(index)
     response = scored.response[part]
     pieces: list[str] = []
     run: list[str] = []
-    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.reasons[part].tolist(), response.tolist(), strict=True):
+    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.selection.reasons[part].tolist(), response.tolist(), strict=True):
         if not trained:
             continue
         text = scored.texts[token_id]
@@ -44,13 +46,13 @@ def marked_text(scored: ScoredDir, index: int) -> str:
     return "".join(pieces)
 
 
-def styled_text(scored: ScoredDir, index: int) -> Any:
+def styled_text(scored: ScoredDataset, index: int) -> Any:
     """The response of example `index` as a rich `Text`, dropped tokens coloured by reason."""
     from rich.text import Text
 
     part = scored.example_slice(index)
     text = Text()
-    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.reasons[part].tolist(), scored.response[part].tolist(), strict=True):
+    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.selection.reasons[part].tolist(), scored.response[part].tolist(), strict=True):
         if not trained:
             continue
         names = reason_names(bits)
@@ -59,7 +61,7 @@ def styled_text(scored: ScoredDir, index: int) -> Any:
     return text
 
 
-def print_examples(scored: ScoredDir, count: int, console: Any = None) -> None:
+def print_examples(scored: ScoredDataset, count: int, console: Any = None) -> None:
     """Print the first `count` examples with their dropped tokens marked."""
     from rich.console import Console
 
@@ -74,7 +76,7 @@ def print_examples(scored: ScoredDir, count: int, console: Any = None) -> None:
     for i in range(count):
         part = scored.example_slice(i)
         n_resp = int(scored.response[part].sum())
-        n_drop = int((scored.reasons[part] > 0).sum())
+        n_drop = int((scored.selection.reasons[part] > 0).sum())
         head = f"--- example {i}: {n_resp} response tokens, {n_drop} dropped"
         if tty:
             console.rule(head.strip("- "))
