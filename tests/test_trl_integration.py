@@ -251,3 +251,29 @@ def test_soft_mode_weights_each_token_loss(tiny_model_dir, tmp_path, cache_dir):
             args=sft_config(tmp_path / "packed", packing=True, xtf={"mode": "weighted", "soft": True}),
             train_dataset=prompt_completion(4),
         )
+
+
+def test_xtf_sft_config_reads_every_form_of_the_xtf_field(tmp_path):
+    """`xtf` as a mapping, a JSON string (as `--xtf '{...}'` gives it), a YAML file or an `XTFConfig` becomes an
+    `XTFConfig`; a bad key fails at construction naming it; `to_dict` stays JSON (the trainer logs it)."""
+    import json
+
+    from trl import TrlParser
+
+    from xtf_plugin.config import XTFConfig, XTFConfigError
+
+    common = {"output_dir": str(tmp_path / "run"), "bf16": False, "report_to": "none"}
+    yaml_file = tmp_path / "xtf.yaml"
+    yaml_file.write_text("xtf:\n  drop_ratio: 0.3\n  protect: ['^#### .*']\n")
+    for value in ({"drop_ratio": 0.3, "protect": ["^#### .*"]}, '{"drop_ratio": 0.3, "protect": ["^#### .*"]}',
+                  str(yaml_file), XTFConfig(drop_ratio=0.3, protect=["^#### .*"])):
+        config = XTFSFTConfig(**common, xtf=value).xtf
+        assert isinstance(config, XTFConfig) and config.drop_ratio == 0.3 and config.protect == ["^#### .*"]
+    assert XTFSFTConfig(**common).xtf == XTFConfig()
+    with pytest.raises(XTFConfigError, match="xtf.bogus: unknown key"):
+        XTFSFTConfig(**common, xtf={"bogus": 1})
+    dumped = json.loads(json.dumps(XTFSFTConfig(**common, xtf={"drop_ratio": 0.3}).to_dict()))
+    assert dumped["xtf"]["drop_ratio"] == 0.3
+    (args,) = TrlParser((XTFSFTConfig,)).parse_args_and_config(
+        ["--output_dir", str(tmp_path / "cli"), "--bf16", "false", "--xtf", '{"mode": "union", "drop_ratio": 0.2}'])
+    assert (args.xtf.mode, args.xtf.drop_ratio) == ("union", 0.2)
