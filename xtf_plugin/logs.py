@@ -19,10 +19,9 @@ class _MainProcessOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING or record.levelno < logging.INFO:
             return True
-        torch = sys.modules.get("torch")  # never imported just to ask
-        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank() == 0
-        return int(os.environ.get("RANK", "0")) == 0
+        from xtf_plugin.distributed import is_main_process  # (torch: already imported by whoever logs status)
+
+        return is_main_process()
 
 
 def status_logger() -> logging.Logger:
