@@ -4,7 +4,6 @@ labels back, and the numbers to log. No TRL or axolotl imports here."""
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,6 @@ from xtf_plugin.output import list_array
 from xtf_plugin.pipeline import ScoredDataset, score_dataset
 from xtf_plugin.report.summary import summarize, summary_line
 from xtf_plugin.token_scores import flatten
-
-logger = logging.getLogger("xtf_plugin")
 
 
 @contextlib.contextmanager
