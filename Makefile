@@ -10,7 +10,7 @@ export AXOLOTL_DO_NOT_TRACK ?= 1
 XTF_ENV ?= py311
 TRL_TESTS = tests/test_trl_integration.py tests/test_trl_cli.py tests/test_trl_two_step.py
 
-.PHONY: demo test test-main test-trl-latest test-axolotl-latest lint env lock bench bench-perf bench-quality bench-downstream
+.PHONY: demo test test-main test-trl-latest test-axolotl-latest lint env lock bench bench-perf bench-quality bench-downstream bench-scale
 
 env:
 	@.ci/venv.sh
@@ -52,6 +52,12 @@ bench-perf:
 bench-quality:
 	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
 	python benchmarks/noise_detection.py
+
+# Scale: whole-process time and peak memory of xtf score, a selection re-run, xtf report --html (opened in
+# Chromium) and axolotl preprocess at 10k / 40k / 160k examples with the tests' tiny model; BENCH_ARGS=--quick.
+bench-scale:
+	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
+	python benchmarks/scale.py $(BENCH_ARGS)
 
 # Downstream LoRA fine-tuning: clean and noisy data; SFT, XTF presets, random drop, DFT, EAFT; three seeds, 500
 # held-out problems, paired tests. Resumes: runs already in the results file with the same settings are kept.

@@ -9,10 +9,11 @@ problems. Every run is one (data, method, seed):
   reasoning steps of the responses, `--recipe`);
 * method: `sft` (plain SFT), `dft` (TRL `loss_type="dft"`), `eaft` (axolotl's own `use_eaft` loss function,
   `axolotl.monkeypatch.loss.eaft.eaft_loss`, alpha 1, top-20, passed to TRL's SFTTrainer as axolotl's trainer
-  builder passes it), `xtf:NAME` (the tokens that XTF with preset or variant NAME drops set to -100) and
-  `random:NAME` (as many random response tokens per example as `xtf:NAME` drops, never a protected one: the
-  control that tells filtering from training on fewer tokens) and `cut:NAME` (the tokens `xtf:NAME` drops taken
-  out of the input too, as if the responses had been cleaned).
+  builder passes it), `xtf:NAME` (what XTF with preset or variant NAME trains on: the selected tokens set to
+  -100, or with `action: remove`, the spans preset's, also taken out of the input) and `random:NAME` (as many
+  random response tokens per example as `xtf:NAME` selects, set to -100, never a protected one: the control that
+  tells filtering from training on fewer tokens). The variant `spans-mask` is the spans preset with
+  `action: mask`.
 
 Every run stores each held-out problem's correctness, so arms are compared with paired tests over problems and
 seeds (`paired.py`: a paired bootstrap over problems and an exact McNemar test). Finished runs are kept in the
@@ -364,7 +365,9 @@ DATA = ("clean", "noisy")
 PLAIN_METHODS = {"sft": "nll", "dft": "dft", "eaft": "eaft"}
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_RUNS = ("noisy/sft", "noisy/xtf:spans", "noisy/random:spans", "clean/sft", "clean/xtf:spans", "noisy/dft",
-                "clean/dft", "noisy/xtf:paper", "clean/xtf:paper", "noisy/eaft", "clean/eaft")
+                "noisy/xtf:spans-mask", "clean/dft", "noisy/xtf:paper", "clean/xtf:paper", "noisy/eaft", "clean/eaft")
+MASK_SUFFIX = "-mask"
+"""`xtf:NAME-mask` is preset NAME with `action: mask`; it is compared with `xtf:NAME`."""
 
 
 @dataclass(frozen=True)
@@ -403,19 +406,20 @@ def parse_arm(text: str, variants: dict[str, XTFConfig]) -> str:
     kind, _, name = method.partition(":")
     if data not in DATA:
         raise SystemExit(f"downstream: --runs {text}: data must be one of {', '.join(DATA)}")
-    if method not in PLAIN_METHODS and not (kind in ("xtf", "random", "cut") and name):
-        raise SystemExit(f"downstream: --runs {text}: method must be sft, dft, eaft, xtf:NAME, random:NAME or "
-                         "cut:NAME")
+    if method not in PLAIN_METHODS and not (kind in ("xtf", "random") and name):
+        raise SystemExit(f"downstream: --runs {text}: method must be sft, dft, eaft, xtf:NAME or random:NAME")
     if name and name not in variants:
         raise SystemExit(f"downstream: --runs {text}: unknown preset or variant {name!r} (known: {', '.join(variants)})")
     return text
 
 
 def xtf_variants(extra: Sequence[str]) -> dict[str, XTFConfig]:
-    """The package's presets, plus `--variant NAME=JSON` settings (a JSON object of `xtf:` keys)."""
+    """The package's presets, the spans preset with `action: mask` (`spans-mask`), plus `--variant NAME=JSON`
+    settings (a JSON object of `xtf:` keys)."""
     from xtf_plugin.config import PRESETS
 
     variants = {name: XTFConfig(preset=name) for name in PRESETS}
+    variants["spans" + MASK_SUFFIX] = XTFConfig(preset="spans", action="mask")
     for item in extra:
         name, _, raw = item.partition("=")
         try:
@@ -461,8 +465,11 @@ def prepare_labels(setup: Setup, data: str, variant: str, config: XTFConfig, cac
     report = xtf_report(scored, noise, setup.tokenizer)
     labels = scored.per_example(scored.filtered_labels)
     protected = scored.per_example(scored.protected)
+    # `kept` (what stays in the input) only with action: remove, so that masking runs keep their stored keys
+    _, _, kept = scored.training_examples()
+    removal = {"kept": np.concatenate(kept)} if config.action == "remove" else {}
     np.savez(labels_path(setup, data, variant), offsets=scored.offsets, labels=np.concatenate(labels),
-             protected=np.concatenate(protected))
+             protected=np.concatenate(protected), **removal)
     shown = f", precision on noise {report['precision_on_noise']:.3f}, recall {report['recall_of_noise']:.3f}" \
         if report["precision_on_noise"] is not None else ""
     print(f"[{data} xtf:{variant}] dropped {report['dropped_fraction']:.3f} of response tokens{shown}", flush=True)
@@ -501,45 +508,34 @@ def nothing_dropped(setup: Setup, spec: RunSpec) -> bool:
     return bool(np.array_equal(stored["labels"], np.concatenate(tokens.labels)))
 
 
-def cut_dropped(tokens: TokenizedData, labels: Sequence[np.ndarray]) -> tuple[TokenizedData, list[np.ndarray]]:
-    """The examples with every token XTF dropped taken out of the input as well (`cut:` runs): the model then
-    neither learns the noise nor sees it as context, as if the response had been cleaned. `labels[i]` are XTF's
-    labels of example i (`[L_i]`); prompt tokens (already -100 in `tokens.labels`) stay."""
-    out = TokenizedData([], [], format=tokens.format)
-    kept_labels = []
-    for ids, old, new in zip(tokens.input_ids, tokens.labels, labels, strict=True):
-        keep = (new != -100) | (old == -100)
-        out.input_ids.append(ids[keep])
-        out.labels.append(old[keep])
-        kept_labels.append(new[keep])
-    return out, kept_labels
-
-
-def run_labels(setup: Setup, spec: RunSpec, tokens: TokenizedData, noise: Sequence[np.ndarray]
-               ) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """The labels a run trains on, and what was dropped."""
+def run_examples(setup: Setup, spec: RunSpec, tokens: TokenizedData, noise: Sequence[np.ndarray]
+                 ) -> tuple[TokenizedData, list[np.ndarray], dict[str, Any]]:
+    """The examples and labels a run trains on, and what was dropped."""
     if spec.variant is None:
-        return tokens.labels, {}
+        return tokens, tokens.labels, {}
     stored = np.load(labels_path(setup, spec.data, spec.variant))
     cut = stored["offsets"][1:-1]
     xtf_labels = np.split(stored["labels"], cut)
-    if spec.method.startswith(("xtf:", "cut:")):
-        return xtf_labels, {}
+    if spec.method.startswith("xtf:"):
+        if "kept" not in stored.files:
+            return tokens, xtf_labels, {}
+        kept = np.split(stored["kept"], cut)
+        cleaned = TokenizedData([ids[k] for ids, k in zip(tokens.input_ids, kept, strict=True)],
+                                [old[k] for old, k in zip(tokens.labels, kept, strict=True)], format=tokens.format)
+        return cleaned, [new[k] for new, k in zip(xtf_labels, kept, strict=True)], {}
     protected = np.split(stored["protected"], cut)
     counts = [int((new == -100).sum() - (old == -100).sum()) for new, old in zip(xtf_labels, tokens.labels, strict=True)]
     labels = random_drop_labels(tokens.labels, counts, protected, seed=1000 + spec.seed)
     dropped = np.concatenate([(new == -100) & (old != -100) for new, old in zip(labels, tokens.labels, strict=True)])
     hits = float((dropped & np.concatenate(noise)).sum() / max(1, dropped.sum()))
-    return labels, {"random_precision_on_noise": round(hits, 4)}
+    return tokens, labels, {"random_precision_on_noise": round(hits, 4)}
 
 
 def execute(setup: Setup, spec: RunSpec) -> dict[str, Any]:
     """Train one run and evaluate it on the held-out problems."""
     started = time.perf_counter()
     tokens, noise = training_set(setup, spec.data)
-    labels, extra = run_labels(setup, spec, tokens, noise)
-    if spec.method.startswith("cut:"):
-        tokens, labels = cut_dropped(tokens, labels)
+    tokens, labels, extra = run_examples(setup, spec, tokens, noise)
     loss = PLAIN_METHODS.get(spec.method, "nll")
     model = train(setup.model_path, setup.tokenizer, tokens, labels, spec.seed, setup.settings, setup.workdir, loss)
     trained = time.perf_counter()
@@ -599,10 +595,10 @@ def comparisons(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         data, method = arm.split("/")
         if method.startswith("xtf:"):
             others = ["sft", "random:" + method[4:], "dft", "eaft"]
+            if method.endswith(MASK_SUFFIX):  # masking against the preset's removal
+                others.insert(0, method.removesuffix(MASK_SUFFIX))
             pairs += [(arm, f"{data}/{other}") for other in others]
-        elif method.startswith("cut:"):
-            pairs += [(arm, f"{data}/sft"), (arm, f"{data}/xtf:{method[4:]}")]
-        if data == "noisy" and method.startswith(("xtf:", "cut:")):
+        if data == "noisy" and method.startswith("xtf:"):
             pairs.append((arm, "clean/sft"))  # how much of the clean-data accuracy the filter gets back
         elif method in ("dft", "eaft") or method.startswith("random:"):
             pairs.append((arm, f"{data}/sft"))
@@ -617,7 +613,7 @@ def gap_recovered(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
         return {}
     gap = summary["clean/sft"] - summary["noisy/sft"]
     return {arm: round((mean - summary["noisy/sft"]) / gap, 3) for arm, mean in summary.items()
-            if arm.startswith(("noisy/xtf:", "noisy/cut:"))}
+            if arm.startswith("noisy/xtf:")}
 
 
 def markdown_tables(result: dict[str, Any]) -> str:

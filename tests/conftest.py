@@ -53,7 +53,8 @@ def build_tokenizer(directory: Path, chat_template: bool = True, pad_token: bool
     return fast
 
 
-def build_model(directory: Path, tokenizer, layers: int = 2, seed: int = 0, hidden_size: int = 32):
+def build_model(directory: Path, tokenizer, layers: int = 2, seed: int = 0, hidden_size: int = 32,
+                max_positions: int = 1024):
     """A tiny random Llama (hidden 32, 4 heads, 2 KV heads) saved next to its tokenizer; hidden_size 64 and
     up can be quantised to 4 bits by bitsandbytes."""
     import torch
@@ -67,7 +68,7 @@ def build_model(directory: Path, tokenizer, layers: int = 2, seed: int = 0, hidd
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

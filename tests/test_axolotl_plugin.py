@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import build_model, build_tokenizer, gsm8k_rows
@@ -104,9 +107,8 @@ def axolotl_config(tmp_path: Path, model_dir: Path, name: str, xtf: dict | None 
     return path
 
 
-def run_axolotl(*args: str | Path) -> str:
-    """Runs the real axolotl CLI; returns stdout + stderr (fails the test with the tail on a non-zero exit)."""
-    env = {
+def axolotl_env() -> dict[str, str]:
+    return {
         **os.environ,
         # this checkout first, whatever checkout the environment's editable install names
         "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -114,7 +116,12 @@ def run_axolotl(*args: str | Path) -> str:
         "AXOLOTL_DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    proc = subprocess.run([str(AXOLOTL), *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def run_axolotl(*args: str | Path) -> str:
+    """Runs the real axolotl CLI; returns stdout + stderr (fails the test with the tail on a non-zero exit)."""
+    proc = subprocess.run([str(AXOLOTL), *map(str, args)], capture_output=True, text=True, env=axolotl_env(), cwd=REPO,
+                          timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"axolotl {' '.join(map(str, args))} failed:\n{output[-6000:]}"
     return output
@@ -517,6 +524,44 @@ def test_two_processes_split_the_scoring(tmp_path, tiny_dir):
 
 
 # --- 3. QLoRA for real on CPU ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_preprocess_resumes_from_finished_shards(tmp_path, tiny_dir):
+    """SIGKILL `axolotl preprocess` after XTF cached its first shard: the next preprocess takes the finished
+    shards from the cache and scores only the rest, and every cache entry equals an uninterrupted run's."""
+    base = gsm8k_rows(200)
+    rows = [{"instruction": f"Variant {i // 200}: {base[i % 200]['question']}", "input": "",
+             "output": base[i % 200]["answer"]} for i in range(600)]  # 3 shards: 256, 256, 88
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    xtf = {**XTF_BLOCK, "batch_size": 2}  # many small forward passes, so the kill lands mid-run
+    cfg = axolotl_config(tmp_path, tiny_dir, "xtf", xtf=xtf, recorder=False)
+    cache = tmp_path / "xtf-cache"
+
+    def entries(folder: Path) -> list[Path]:  # finished entries only: a write in progress is a hidden temporary
+        return sorted(p.relative_to(folder) for p in (folder / "forward").glob("*/*.npz") if not p.name.startswith("."))
+
+    proc = subprocess.Popen([str(AXOLOTL), "preprocess", str(cfg)], env=axolotl_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 500
+    while not entries(cache) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "preprocess finished before it could be interrupted"
+    finished = len(entries(cache))
+    assert 0 < finished < 3
+    resumed = xtf_line(run_axolotl("preprocess", cfg))
+    assert resumed["examples"] == 600 and resumed["shards"] == 3 and resumed["cached"] == finished
+    assert resumed["passes"] == (600 - 256 * finished) // 2
+    expected_labels(tiny_dir, tmp_path, xtf)  # scores the prepared rows afresh, into a cache of its own
+    fresh = tmp_path / "expected-cache"
+    assert entries(cache) == entries(fresh) and len(entries(fresh)) == 3
+    for entry in entries(fresh):
+        with np.load(cache / entry) as a, np.load(fresh / entry) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for name in a.files:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=f"{entry}: {name}")
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,19 +126,63 @@ def test_two_processes_score_exactly_like_one(tiny_model_dir, tmp_path):
     assert len(forward_entries(tmp_path / "c2")) == 2  # rank 0 cached both gathered shards
 
 
-def test_nothing_lost(tiny_model_dir, tiny_tokenizer, tmp_path):
+READ_ONLY_MOUNT = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"'
+"""Shell words that mount folder `$0` read-only over itself, inside the mount namespace of `unshare -m`."""
+
+
+def _read_only_mounts_work(folder: Path) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", READ_ONLY_MOUNT + ' && ! touch "$0/probe" 2>/dev/null',
+                            str(folder)], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_cache_on_a_read_only_mount_is_read_and_never_written(tiny_model_dir, tmp_path):
+    """A cache on a read-only file system (a shared model store): its entries are used, new scores are not
+    saved, one warning says so, and the output equals a normal run's."""
+    cache = tmp_path / "cache"
+    if shutil.which("unshare") is None or not _read_only_mounts_work(tmp_path / "probe"):
+        pytest.skip("needs unshare and mount (a mount namespace): not allowed here")
+    # the first shard's 256 rows fill the cache; the run on the mount needs them and 44 more
+    run_score(tiny_model_dir, write_rows(tmp_path / "first.jsonl", 256), tmp_path / "first", cache)
+    entries = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    data, out = write_rows(tmp_path / "rows.jsonl", 300), tmp_path / "out"
+    command = ["unshare", "-m", "sh", "-c", READ_ONLY_MOUNT + ' && exec "$@"', str(cache),
+               *score_command(tiny_model_dir, data, out)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=environment(cache), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("cannot be written") == 1, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cached_shards"] == 1 and summary["examples"] == 300
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == entries  # nothing written, nothing removed
+    normal = tmp_path / "normal"
+    run_score(tiny_model_dir, data, normal, tmp_path / "normal-cache")
+    assert_bit_identical(read_columns(out), read_columns(normal))
+
+
+@pytest.mark.parametrize("action", ["mask", "remove"])
+def test_nothing_lost(tiny_model_dir, tiny_tokenizer, tmp_path, action):
     """Every example comes out, token ids and prompt labels untouched; a response label changes only to
-    -100 and only where `xtf_drop` says so."""
+    -100 and only where `xtf_drop` says so. With `action: remove` (the spans preset's) that holds for
+    `xtf_input_ids` / `xtf_labels`, and the training columns are those without the dropped tokens."""
     from xtf_plugin.data import read_records, tokenize_records
 
     data = write_rows(tmp_path / "rows.jsonl", 30)
     out = tmp_path / "out"
-    run_score(tiny_model_dir, data, out, tmp_path / "cache", "--set", "drop_ratio=0.5")
+    run_score(tiny_model_dir, data, out, tmp_path / "cache", "--set", "drop_ratio=0.5", "--set", f"action={action}")
     before = tokenize_records(read_records(str(data)), tiny_tokenizer, "auto", 2048, source=str(data))
-    after = read_columns(out)
-    assert_only_dropped_labels_changed(before.input_ids, before.labels, after["input_ids"], after["labels"],
+    table = pq.read_table(out / "train.parquet")
+    after = {name: table.column(name).to_pylist() for name in table.column_names}
+    full = ("xtf_input_ids", "xtf_labels") if action == "remove" else ("input_ids", "labels")
+    assert_only_dropped_labels_changed(before.input_ids, before.labels, after[full[0]], after[full[1]],
                                        after["xtf_drop"])
     assert sum(sum(1 for d in row if d) for row in after["xtf_drop"]) > 0  # the check above had work to do
+    if action == "remove":
+        for ids, labels, all_ids, all_labels, drop in zip(after["input_ids"], after["labels"], after["xtf_input_ids"],
+                                                          after["xtf_labels"], after["xtf_drop"], strict=True):
+            kept = np.asarray(drop) == 0
+            assert ids == np.asarray(all_ids)[kept].tolist() and labels == np.asarray(all_labels)[kept].tolist()
 
 
 def assert_only_dropped_labels_changed(ids_before, labels_before, ids_after, labels_after, drop) -> None:  # type: ignore[no-untyped-def]

@@ -1,7 +1,9 @@
 """`action: remove`: the selected tokens leave the training input, not only the loss, in every path that can
-change the input (the core, `xtf score`'s parquet, `XTFSFTTrainer`); `XTFCallback` refuses it."""
+change the input (the core, `xtf score`'s parquet, `XTFSFTTrainer`); `XTFCallback` masks instead."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -75,11 +77,24 @@ def test_xtf_sft_trainer_trains_on_the_cleaned_examples(tiny_model_dir, tmp_path
     assert np.isfinite(trainer.train().training_loss)
 
 
-def test_callback_refuses_remove():
+def test_callback_masks_what_remove_would_take_out():
+    """A stock trainer's batches are built before the callback sees them: it masks, and says so."""
     from xtf_plugin.integrations.trl import XTFCallback
+    from xtf_plugin.logs import status_logger
 
-    with pytest.raises(XTFConfigError, match="xtf.action: remove changes the input tokens"):
-        XTFCallback(REMOVE)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    status_logger().addHandler(handler)
+    try:
+        callback = XTFCallback(REMOVE)
+        assert XTFCallback({"preset": "spans"}).xtf_config.action == "mask"  # the spans preset removes
+    finally:
+        status_logger().removeHandler(handler)
+    assert callback.xtf_config.action == "mask"
+    assert callback.xtf_config.mode == load_xtf_config(REMOVE).mode
+    assert [r.levelno for r in records] == [logging.WARNING, logging.WARNING]
+    assert "XTFCallback masks the selected tokens" in records[0].getMessage()
 
 
 def test_soft_weights_cannot_remove():

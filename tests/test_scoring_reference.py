@@ -31,7 +31,7 @@ from xtf_plugin.errors import XTFError
 from xtf_plugin.pipeline import score_dataset
 from xtf_plugin.scoring import attention as attention_module
 from xtf_plugin.scoring.attention import resolve_layers
-from xtf_plugin.scoring.engine import score_forward
+from xtf_plugin.scoring.engine import batch_plan, score_forward
 from xtf_plugin.scoring.relevance import domain_token_groups, relevance_table
 
 ATOL = 1e-5
@@ -423,6 +423,38 @@ def test_batch_size_does_not_change_scores(dtype, models, models64, references):
             a, b = getattr(results[size], field), getattr(results[1], field)
             np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
             np.testing.assert_allclose(a, b, atol=atol, rtol=0, err_msg=f"{field} batch {size}")
+
+
+def test_batch_plan_fills_batches_up_to_the_token_budget():
+    lengths = [int(n) for n in np.random.default_rng(0).integers(1, 120, 200)]
+    plan = batch_plan(lengths, 8, 300)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    assert [i for batch in plan for i in batch] == order  # every example once, longest first
+    for batch, following in zip(plan, [*plan[1:], None], strict=True):
+        padded = len(batch) * lengths[batch[0]]
+        assert len(batch) <= 8 and (padded <= 300 or len(batch) == 1)
+        if following is not None:  # a batch closes only when the next example does not fit
+            assert len(batch) == 8 or (len(batch) + 1) * lengths[batch[0]] > 300
+    assert batch_plan([500, 20, 10], 8, 300) == [[0], [1, 2]]  # too long for the budget: a batch of its own
+    assert batch_plan(lengths, 8) == [order[i : i + 8] for i in range(0, 200, 8)]  # no budget: by count
+
+
+def test_token_budget_changes_the_batches_not_the_scores(models64, references):
+    """Long examples a few at a time, short ones many at a time: the scores stay those of one example per batch;
+    a budget that changes no batch changes no bit."""
+    ids, labels = make_examples(references["gqa"], seed=5, layout=[(n, "all") for n in (40, 38, 12, 9, 30, 7, 6, 25)])
+    model = models64["gqa"]
+
+    def scores(**settings):
+        return score_forward(model, ids, labels, XTFConfig(ri_layers="all", **settings), progress=False)
+
+    alone, budget = scores(batch_size=1), scores(batch_size=8, batch_tokens=80)
+    assert [len(b) for b in batch_plan([len(x) for x in ids], 8, 80)] == [2, 2, 4]
+    for field in ("kn", "ri"):
+        np.testing.assert_allclose(getattr(budget, field), getattr(alone, field), atol=1e-6, rtol=0, equal_nan=True)
+    same_plan = scores(batch_size=8, batch_tokens=10_000)
+    for field in ("kn", "ri"):
+        np.testing.assert_array_equal(getattr(same_plan, field), getattr(scores(batch_size=8), field))
 
 
 def test_results_come_back_in_input_order(models, examples):

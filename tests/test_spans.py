@@ -50,6 +50,15 @@ def test_prompt_and_eos_belong_to_no_span(tiny_tokenizer):
     assert (spans.ids[response][:-1] == 0).all()
 
 
+def test_a_dataset_without_a_response_token_has_no_spans(tiny_tokenizer):
+    """Every example cut before its response (or only its EOS trained): spans selection has nothing to judge."""
+    ids, response, offsets = encode(tiny_tokenizer, [("Q: how many?\n", ""), ("Another prompt.\n", "")])
+    spans = find_spans(ids, offsets, np.zeros_like(response), TokenTexts(tiny_tokenizer), special_token_ids(tiny_tokenizer))
+    assert spans.n_spans == 0 and (spans.ids == -1).all() and spans.texts == []
+    only_eos = find_spans(ids, offsets, response, TokenTexts(tiny_tokenizer), special_token_ids(tiny_tokenizer))
+    assert only_eos.n_spans == 0 and response.sum() == 2
+
+
 def test_short_pieces_join_the_next_span_of_their_line(tiny_tokenizer):
     # "Mr." has one word token: it is not a sentence of its own; "1." alone on its line joins the line's span
     _, _, _, spans = spans_of(tiny_tokenizer, [("Q\n", "Mr. Brown has 12 pens. He sells 4 of them.\nDone now ok.")])
@@ -89,6 +98,27 @@ def test_robust_fence_holds_when_noise_is_a_large_share():
     assert (noise <= one_pass).mean() > 0.3  # what a single pass would miss
     fence, _, _ = robust_fence(values, 3.0)
     assert (noise > fence).all() and (clean <= fence).mean() > 0.99
+
+
+def test_robust_fence_grows_from_the_median():
+    """Noise close above the clean values and 45% of them: a fence computed from above settles past the noise
+    (it reproduces itself there); grown from the median it settles at the top of the clean values."""
+    rng = np.random.default_rng(0)
+    clean, noise = rng.normal(2.5, 0.4, 550), rng.uniform(4.5, 7.5, 450)
+    values = np.concatenate([clean, noise])
+    median = np.median(values)
+    from_above = median + 3 * 1.4826 * np.median(np.abs(values - median))
+    assert (noise <= from_above).mean() > 0.8  # the first fence from above holds most of the noise
+    fence, median, scale = robust_fence(values, 3.0)
+    assert (noise > fence).mean() > 0.95 and (clean <= fence).mean() > 0.99
+    assert median == pytest.approx(2.5, abs=0.1) and scale == pytest.approx(0.4, abs=0.1)
+
+
+def test_robust_fence_on_clean_values_is_the_mad_fence():
+    values = np.random.default_rng(2).normal(1.0, 0.5, 2000)
+    median = np.median(values)
+    one_pass = median + 3 * 1.4826 * np.median(np.abs(values - median))
+    assert robust_fence(values, 3.0)[0] == pytest.approx(one_pass, abs=0.05)
 
 
 def spans_selection(tokenizer, examples, span_p, protected_texts=(), **config):
@@ -292,7 +322,7 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     assert summary["dropped_spans"]["dropped_spans"] == 1
     assert summary["dropped_spans"]["most_surprising"] == [
         {"example": 0, "surprise": pytest.approx(6.908, abs=1e-3), "text": "Blue moon singing quietly tonight.\n"}]
-    assert "masked 1 off-task spans of 6 in 1 examples" in summary_line(summary)
+    assert "removed 1 off-task spans of 6 in 1 examples" in summary_line(summary)
     out = write_output_dir(tmp_path / "scored", scored, summary)
 
     loaded = attach_texts(read_output_dir(out))

@@ -60,7 +60,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The field defaults of XTFConfig: the paper's union of three capped token tests, with the three measured
     # departures that make each test select anything at all (docs/method.md, "How the scores are computed").
     "paper": {},
-    "spans": {"mode": "spans", "drop_ratio": 0.5},
+    # Spans are whole lines, sentences and phrases: taken out of the input they leave a cleaned response, which
+    # measured better than masking them in place on both downstream tasks (benchmarks/README.md).
+    "spans": {"mode": "spans", "drop_ratio": 0.5, "action": "remove"},
 }
 """Preset name -> the settings it gives; keys a user sets override them (mappings merged key by key)."""
 
@@ -146,8 +148,9 @@ class XTFConfig(_Strict):
     action: Literal["mask", "remove"] = Field(
         "mask",
         description="What happens to a selected token: `mask` gives it label -100 and leaves it in the input "
-        "(the paper); `remove` also takes it out of the input, as if the response had been cleaned (meant for "
-        "spans selection, whose selections are whole sentences, lines and phrases).",
+        "(the paper); `remove` also takes it out of the input, as if the response had been cleaned (the spans "
+        "preset's choice: its selections are whole sentences, lines and phrases). `XTFCallback`, which only "
+        "sees labels, masks.",
     )
     caps: AttributeCaps = Field(default_factory=AttributeCaps, description="Union mode per-attribute caps.")
     kn_p_threshold: float = Field(
@@ -220,7 +223,13 @@ class XTFConfig(_Strict):
 
     # --- run --------------------------------------------------------------------------------------
     max_length: int = Field(2048, ge=2, description="Examples are truncated to this many tokens (counted).")
-    batch_size: int = Field(8, ge=1, description="Examples per scoring forward pass.")
+    batch_size: int = Field(8, ge=1, description="Most examples per scoring forward pass.")
+    batch_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Most tokens per scoring forward pass, padding included (an example longer than this is "
+        "scored alone): long examples go a few at a time, short ones batch_size at a time.",
+    )
     cache_dir: str | None = Field(
         None, description="Score cache folder. Default: $XTF_CACHE or ~/.cache/xtf_plugin/scores."
     )

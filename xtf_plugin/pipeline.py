@@ -227,7 +227,7 @@ def _score_shard(
     (same batches, so the same float32 scores) and the shares are gathered."""
     if size == 1:
         return score_forward(model, input_ids, labels, config, progress, stats, first_example=first_example)
-    plan = batch_plan([len(x) for x in input_ids], config.batch_size)
+    plan = batch_plan([len(x) for x in input_ids], config.batch_size, config.batch_tokens)
     mine = {b for b in range(len(plan)) if b % size == rank}
     part = score_forward(model, input_ids, labels, config, progress, stats, mine, first_example)
     owner = np.empty(len(input_ids), np.int64)

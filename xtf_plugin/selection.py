@@ -354,12 +354,18 @@ def surprise(kn: np.ndarray) -> np.ndarray:
 
 
 def robust_fence(values: np.ndarray, k: float) -> tuple[float, float, float]:
-    """Upper fence `median + k * 1.4826 * MAD` of the finite values: (fence, median, scale).
+    """Upper fence `median + k * 1.4826 * MAD` of the clean part of the finite values: (fence, median, scale).
 
-    The MAD ignores up to half of the values being outliers, but noise that makes up a large share of the
-    values still widens it (two noise lines in a five-line response are 40% of the spans), so the fence is
-    computed again over the values below it until it settles: values far above the clean ones stop counting
-    towards the scale. On clean data the first fence already holds nearly every value and moves little.
+    Noise lies above the clean values, and it can be a large share of them (two noise lines in a five-line
+    response are 40% of the spans), enough to widen a MAD over all values past the noise itself. So the fence
+    is grown from the median of all values: the median and MAD of the values at or below the current fence give
+    the next fence, until it settles. While noise is less than half of the values, the values below the median
+    are clean, and the fence settles at the top of the clean values: the lowest fence that the values below it
+    reproduce. On clean data it settles where a MAD over all values puts it.
+
+    When the values below the median are all alike (no scale to grow from) or the fence would fall below the
+    median, the fence is computed from above instead: a MAD over all values, then again over the values below
+    that fence, until it settles.
     """
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -368,15 +374,28 @@ def robust_fence(values: np.ndarray, k: float) -> tuple[float, float, float]:
     scale = 1.4826 * float(np.median(np.abs(values - median)))
     if scale == 0:
         return math.inf, median, scale
-    fence = median + k * scale
+    grown = _settled_fence(values, k, median, lowest=median)
+    return grown if grown is not None else _settled_fence(values, k, median + k * scale)  # type: ignore[return-value]
+
+
+def _settled_fence(values: np.ndarray, k: float, fence: float, lowest: float | None = None
+                   ) -> tuple[float, float, float] | None:
+    """Iterate fence -> median + k * 1.4826 * MAD of the values at or below it, from `fence`, at most
+    `FENCE_ITERATIONS` times: (fence, median, scale). With `lowest`: None when a step finds no scale or falls
+    below `lowest`; without it, a step without scale keeps the fence it had."""
+    median = float(np.median(values))
+    scale = 1.4826 * float(np.median(np.abs(values - median)))
     for _ in range(FENCE_ITERATIONS):
         kept = values[values <= fence]
         kept_median = float(np.median(kept))
         kept_scale = 1.4826 * float(np.median(np.abs(kept - kept_median)))
-        # values all alike below the fence leave no scale to judge by: the last fence stands
-        if kept_scale == 0 or kept_median + k * kept_scale == fence:
+        following = kept_median + k * kept_scale
+        if kept_scale == 0 or (lowest is not None and following < lowest):
+            return None if lowest is not None else (fence, median, scale)
+        median, scale = kept_median, kept_scale
+        if following == fence:
             break
-        median, scale, fence = kept_median, kept_scale, kept_median + k * kept_scale
+        fence = following
     return fence, median, scale
 
 

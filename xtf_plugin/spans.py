@@ -112,6 +112,8 @@ def find_spans(
     starts = inside & (~np.r_[False, inside[:-1]] | example_start[:n] | np.r_[False, cut_after])
     raw = np.where(inside, np.cumsum(starts) - 1, -1)
     first = np.flatnonzero(starts)
+    if first.size == 0:  # no response token anywhere: no span
+        return Spans(np.full(n, -1, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), content, [])
     # the last token of each piece: the last inside token before the next piece starts
     last = np.maximum.reduceat(np.where(inside, np.arange(n), -1), first) if first.size else first
     n_raw = first.size

@@ -74,14 +74,26 @@ def _log_probs_at(
     return out
 
 
-def batch_plan(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """The batches `score_forward` runs, as example indices: longest first (less padding), ties by index.
+def batch_plan(lengths: Sequence[int], batch_size: int, batch_tokens: int | None = None) -> list[list[int]]:
+    """The batches `score_forward` runs, as example indices: longest first (less padding), ties by index; a
+    batch holds at most `batch_size` examples and, when `batch_tokens` is given, at most that many tokens with
+    its padding (`examples * longest`; an example longer than that is a batch of its own).
 
     A batch's padding changes float32 scores in the last bits, so whoever scores an example (one process or
     one of several) must put it in the same batch to get bit-identical scores.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    plan: list[list[int]] = []
+    for index in order:
+        batch = plan[-1] if plan else None
+        # the batch's first example is its longest: each added one costs that many padded tokens
+        if batch is not None and len(batch) < batch_size and (
+            batch_tokens is None or (len(batch) + 1) * lengths[batch[0]] <= batch_tokens
+        ):
+            batch.append(index)
+        else:
+            plan.append([index])
+    return plan
 
 
 @torch.no_grad()
@@ -101,10 +113,10 @@ def score_forward(
         model: a causal LM with transformers' attention interface (fp32/bf16/4-bit, any device).
         input_ids: one int array `[L_i]` per example.
         labels: one int array `[L_i]` per example, -100 on tokens that are not trained.
-        config: scorer settings (`batch_size`, `ri_layers`, `ri_exclude_sink`, `tr_method`).
+        config: scorer settings (`batch_size`, `batch_tokens`, `ri_layers`, `ri_exclude_sink`, `tr_method`).
         progress: show a tqdm bar (tokens/s) when scoring takes more than two seconds.
         stats: accumulates time, tokens and forward passes when given.
-        batches: run only these batches of `batch_plan(lengths, config.batch_size)` (one process's share of
+        batches: run only these batches of `batch_plan(lengths, batch_size, batch_tokens)` (one process's share of
             a split run); the other examples' scores stay NaN. Default: all.
         first_example: index of `input_ids[0]` in the whole dataset, so an error names the user's example.
     Returns:
@@ -123,7 +135,8 @@ def score_forward(
     device = _device_of(model)
     decoder = model.get_decoder()
     layers = resolve_layers(config.ri_layers, model.config.num_hidden_layers)
-    plan = [b for i, b in enumerate(batch_plan(lengths, config.batch_size)) if batches is None or i in batches]
+    plan = [b for i, b in enumerate(batch_plan(lengths, config.batch_size, config.batch_tokens))
+            if batches is None or i in batches]
     total = sum(lengths[i] for batch in plan for i in batch)
     started = time.perf_counter()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="xtf scoring", delay=2, disable=not progress)
@@ -134,7 +147,9 @@ def score_forward(
                 trained, _ = _pad_right([np.asarray(labels[i]) != -100 for i in batch], device)
                 trained = trained.bool() & valid
                 capture.begin(valid)
-                hidden = decoder(input_ids=ids, attention_mask=valid.long(), use_cache=False).last_hidden_state
+                # without padding the attention needs no mask: the causal kernel alone, no [B, 1, L, L] mask
+                mask = None if bool(valid.all()) else valid.long()
+                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 stats.forward_passes += 1
                 log_probs = _log_probs_at(model, hidden, ids, trained)
                 ri = capture.result()

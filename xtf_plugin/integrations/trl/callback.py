@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xtf_plugin.config import XTFConfig, XTFConfigError, to_xtf_config
+from xtf_plugin.config import XTFConfig, to_xtf_config
 from xtf_plugin.errors import XTFError
 from xtf_plugin.integrations.common import (
     MaskedExamples,
@@ -31,6 +31,7 @@ from xtf_plugin.integrations.common import (
     tokenizer_of,
     write_training_report,
 )
+from xtf_plugin.logs import status_logger
 
 
 def _row_key(input_ids: Any) -> bytes:
@@ -55,17 +56,20 @@ class XTFCallback(XTFLogCallback):
 
     Args:
         xtf_config: XTF settings: an `XTFConfig`, a mapping of `xtf:` keys, a JSON string or a YAML path (see
-            `config.to_xtf_config`); None for the defaults.
+            `config.to_xtf_config`); None for the defaults. `action: remove` (the spans preset's) becomes
+            `mask`, with a warning.
     """
 
     def __init__(self, xtf_config: XTFConfig | dict[str, Any] | str | None = None) -> None:
         super().__init__()
         self.xtf_config = to_xtf_config(xtf_config)
         if self.xtf_config.action == "remove":
-            raise XTFConfigError(
-                "xtf.action: remove changes the input tokens, which a callback cannot do to a stock trainer's "
-                "prepared batches; use XTFSFTTrainer (or xtf sft), or action: mask"
+            # the stock trainer's batches are built before the callback sees them: only labels can change
+            status_logger().warning(
+                "XTFCallback masks the selected tokens (action: mask): taking them out of the input (action: "
+                "remove) needs XTFSFTTrainer or xtf sft"
             )
+            self.xtf_config = self.xtf_config.model_copy(update={"action": "mask"})
         self.xtf_result: MaskedExamples | None = None
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):  # type: ignore[no-untyped-def]
