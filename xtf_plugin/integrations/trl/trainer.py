@@ -9,7 +9,8 @@ Order of work inside `__init__`:
 1. TRL tokenises the training set as usual, but packing is postponed (scores belong to whole examples);
 2. the model TRL built (plain, LoRA or 4-bit QLoRA) scores it under `disable_adapter()`, through the score
    cache; on several processes the main process scores first and the others read the cache;
-3. dropped response tokens get label -100, and TRL's own packing runs on the masked dataset.
+3. dropped response tokens get label -100; with `action: remove` (the spans preset's) they also leave
+   `input_ids` and the columns aligned with it; then TRL's own packing runs on the result.
 
 Soft mode (`mode: weighted`, `soft: true`, beyond the paper): nothing is dropped; each token's loss is weighted
 by its combined score, carried in an `xtf_weight` column that a collator wrapper pads. TRL's packing keeps only
