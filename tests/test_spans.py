@@ -334,7 +334,7 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     assert all(r["reasons"] == ["relevance"] and not r["kept"] for r in rows if r["span"])
 
     page = write_html(loaded, tmp_path / "report.html").read_text()
-    assert "Masked spans" in page and "Blue moon singing quietly tonight." in page
+    assert "Removed spans" in page and "Blue moon singing quietly tonight." in page
     assert "off-task when the mean surprise of a span" in page
     chromium = shutil.which("chromium")
     if chromium is None:

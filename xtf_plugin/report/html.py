@@ -15,7 +15,13 @@ import numpy as np
 
 from xtf_plugin.config import ATTRIBUTE_REGISTRY, ATTRIBUTES, SHORT_NAMES
 from xtf_plugin.report.stats import dropped_fractions, per_example_counts, score_histograms
-from xtf_plugin.report.summary import pairwise_overlaps, reason_combinations, reason_counts, top_dropped_tokens
+from xtf_plugin.report.summary import (
+    filtered_verb,
+    pairwise_overlaps,
+    reason_combinations,
+    reason_counts,
+    top_dropped_tokens,
+)
 
 if TYPE_CHECKING:
     from xtf_plugin.pipeline import ScoredDataset
@@ -254,7 +260,7 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
     spans = summary.get("dropped_spans")
     spans_html = ""
     if spans is not None:
-        rows.append(("off-task spans masked", f"{spans['dropped_spans']:,} of {spans['spans']:,} in "
+        rows.append((f"off-task spans {filtered_verb(summary)}", f"{spans['dropped_spans']:,} of {spans['spans']:,} in "
                      f"{spans['examples_with_a_dropped_span']:,} examples"))
         items = "".join(
             f"<tr><td class='num'>#{item['example']}</td><td class='num'>{item['surprise']:.2f}</td>"
@@ -262,8 +268,9 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
             for item in spans["most_surprising"]
         )
         spans_html = (
-            "<section><h2>Masked spans</h2><p class='note'>the most surprising off-task spans (mean -log p of their "
-            "word tokens, nats); each was masked whole, or only its surprising phrase</p><table><tr><th>example</th><th>surprise</th><th>span</th></tr>"
+            f"<section><h2>{filtered_verb(summary).capitalize()} spans</h2><p class='note'>the most surprising off-task "
+            f"spans (mean -log p of their word tokens, nats); each was {filtered_verb(summary)} whole, or only its "
+            "surprising phrase</p><table><tr><th>example</th><th>surprise</th><th>span</th></tr>"
             + (items or "<tr><td colspan='3'>none</td></tr>") + "</table></section>"
         )
     hists = score_histograms({"reasoning": scored.scores.ri, "novelty": scored.scores.kn, "relevance": scored.scores.tr}, response, drop, summary)

@@ -105,6 +105,11 @@ def summarize(scored: Any) -> dict[str, Any]:
     }
 
 
+def filtered_verb(summary: dict[str, Any]) -> str:
+    """`removed` when the selected tokens leave the input (`action: remove`), else `masked`."""
+    return "removed" if summary.get("action") == "remove" else "masked"
+
+
 def summary_line(summary: dict[str, Any]) -> str:
     """One log line: kept fraction, per-attribute drop fractions, top dropped tokens."""
     by = summary["dropped_fraction_by_attribute"]
@@ -115,7 +120,7 @@ def summary_line(summary: dict[str, Any]) -> str:
     if spans is not None:
         return (
             f"XTF: kept {summary['kept_fraction']:.1%} of {summary['response_tokens']} response tokens in "
-            f"{summary['examples']} examples; {'removed' if summary.get('action') == 'remove' else 'masked'} "
+            f"{summary['examples']} examples; {filtered_verb(summary)} "
             f"{spans['dropped_spans']} off-task spans of {spans['spans']} "
             f"in {spans['examples_with_a_dropped_span']} examples"
             + (f", e.g. {spans['most_surprising'][0]['text'].strip()!r}" if spans["most_surprising"] else "")
@@ -148,9 +153,9 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
     else:
         fence = (summary.get("thresholds") or {}).get("span_surprise_fence")
         reasons = [
-            ("  off-task spans masked", f"{spans['dropped_spans']:,} of {spans['spans']:,} spans"),
+            (f"  off-task spans {filtered_verb(summary)}", f"{spans['dropped_spans']:,} of {spans['spans']:,} spans"),
             ("  in examples", f"{spans['examples_with_a_dropped_span']:,}"),
-            ("  template spans (never masked)", f"{spans['template_spans']:,}"),
+            ("  template spans (never filtered)", f"{spans['template_spans']:,}"),
             ("  surprise fence", "none (no spread)" if fence is None else f"{fence:.2f} nats per token"),
         ]
     rows: Sequence[tuple[str, str]] = [
@@ -167,7 +172,7 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
         table.add_row(*row)
     console.print(table)
     if spans is not None:
-        shown = Table(title="most surprising masked spans", show_header=True)
+        shown = Table(title=f"most surprising {filtered_verb(summary)} spans", show_header=True)
         shown.add_column("example", justify="right")
         shown.add_column("surprise", justify="right")
         shown.add_column("span")
