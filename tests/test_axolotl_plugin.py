@@ -343,6 +343,32 @@ def test_remove_takes_the_selected_tokens_out_of_the_rows(tmp_path, tiny_dir):
             assert row["length"] == n
 
 
+@pytest.mark.slow
+def test_train_with_sample_packing_on_removed_tokens(tmp_path, tiny_dir):
+    """`axolotl train` with `sample_packing` and `action: remove`: every example the loss saw, cut out of its
+    packed row at the position-id restarts, is an example with the selected tokens taken out, its labels XTF's."""
+    from transformers import AutoTokenizer
+
+    from xtf_plugin.integrations.common import mask_examples
+    from xtf_plugin.models import load_model
+
+    xtf = {"preset": "paper", "action": "remove"}  # the tiny random model selects many tokens under the paper's tests
+    cfg = axolotl_config(tmp_path, tiny_dir, "remove", xtf=xtf, sample_packing=True, pad_to_sequence_len=True)
+    output = run_axolotl("train", cfg, "--launcher", "python")
+    assert xtf_line(output)["examples"] == 16
+    ids, labels = prepared_rows(tmp_path)
+    model = load_model(str(tiny_dir), dtype="float32", device="cpu")
+    result = mask_examples(model, AutoTokenizer.from_pretrained(tiny_dir), ids, labels,
+                           XTFConfig(**xtf, cache_dir=str(tmp_path / "expected-cache")), progress=False)
+    expected = {tuple(np.asarray(i)[k].tolist()): lab.tolist() for i, k, lab in zip(ids, result.kept, result.labels, strict=True)}
+    assert sum(int((~k).sum()) for k in result.kept) > 0  # tokens were removed
+    seen = recorded_examples(tmp_path / "out-remove")
+    assert len(seen) >= 6
+    for example_ids, example_labels in seen:
+        assert example_ids in expected, "an example the loss saw is not a cleaned row"
+        assert example_labels == expected[example_ids]
+
+
 def test_plugin_is_a_lazy_attribute_of_the_package():
     """axolotl's `load_plugin("xtf_plugin.XTFPlugin")` imports `xtf_plugin` and reads the attribute; a bare
     `import xtf_plugin` imports neither axolotl nor TRL."""
