@@ -370,12 +370,17 @@ def robust_fence(values: np.ndarray, k: float) -> tuple[float, float, float]:
     values = values[np.isfinite(values)]
     if values.size == 0:
         return math.inf, math.nan, math.nan
-    median = float(np.median(values))
-    scale = 1.4826 * float(np.median(np.abs(values - median)))
+    median, scale = _median_scale(values)
     if scale == 0:
         return math.inf, median, scale
     grown = _settled_fence(values, k, median, lowest=median)
     return grown if grown is not None else _settled_fence(values, k, median + k * scale)  # type: ignore[return-value]
+
+
+def _median_scale(values: np.ndarray) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 MAD) of non-empty finite values."""
+    median = float(np.median(values))
+    return median, 1.4826 * float(np.median(np.abs(values - median)))
 
 
 def _settled_fence(values: np.ndarray, k: float, fence: float, lowest: float | None = None
@@ -383,12 +388,9 @@ def _settled_fence(values: np.ndarray, k: float, fence: float, lowest: float | N
     """Iterate fence -> median + k * 1.4826 * MAD of the values at or below it, from `fence`, at most
     `FENCE_ITERATIONS` times: (fence, median, scale). With `lowest`: None when a step finds no scale or falls
     below `lowest`; without it, a step without scale keeps the fence it had."""
-    median = float(np.median(values))
-    scale = 1.4826 * float(np.median(np.abs(values - median)))
+    median, scale = _median_scale(values)
     for _ in range(FENCE_ITERATIONS):
-        kept = values[values <= fence]
-        kept_median = float(np.median(kept))
-        kept_scale = 1.4826 * float(np.median(np.abs(kept - kept_median)))
+        kept_median, kept_scale = _median_scale(values[values <= fence])
         following = kept_median + k * kept_scale
         if kept_scale == 0 or (lowest is not None and following < lowest):
             return None if lowest is not None else (fence, median, scale)
