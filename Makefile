@@ -48,10 +48,11 @@ bench-perf:
 	python benchmarks/scoring_cost.py $(BENCH_ARGS) && python benchmarks/training_overhead.py $(BENCH_ARGS) && \
 	python benchmarks/axolotl_overhead.py $(BENCH_ARGS)
 
-# Quality: detection of injected noise per kind, for the paper and spans presets.
+# Quality: detection of injected noise per kind, for the paper and spans presets; what the default masks in a
+# clean dataset of two styles.
 bench-quality:
 	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
-	python benchmarks/noise_detection.py
+	python benchmarks/noise_detection.py && python benchmarks/mixed_styles.py
 
 # Scale: whole-process time and peak memory of xtf score, a selection re-run, xtf report --html (opened in
 # Chromium) and axolotl preprocess at 10k / 40k / 160k examples with the tests' tiny model; BENCH_ARGS=--quick.

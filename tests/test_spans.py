@@ -228,6 +228,32 @@ def test_spans_mode_respects_the_per_example_ceiling(tiny_tokenizer):
     assert (tight.flagged[spans.ids == 1] > 0).all()
 
 
+def test_a_response_in_a_more_surprising_style_is_not_noise_but_what_stands_out_in_it_is(tiny_tokenizer):
+    math_lines = ["She has {} apples.\n", "Then she buys {} more apples.\n", "So she has more than before."]
+    prose = [["The river bends past the old mill.\n", "Its water turns a wooden wheel.\n", "Farmers bring grain in autumn."],
+             ["A lighthouse stands on the northern cliff.\n", "Its lamp burns through every storm.\n",
+              "Ships steer by it at night."],
+             ["The library keeps maps of every coast.\n", "Scholars copy them by candle light.\n",
+              "Some maps show islands nobody found."]]
+    examples = [(f"Q{i}\n", "".join(line.format(i + 2) if "{}" in line else line for line in math_lines)) for i in range(6)]
+    examples += [(f"P{i}\n", "".join(lines)) for i, lines in enumerate(prose)]
+    # math spans: surprise about .6; one inserted line in math example 0 (p 1e-4, surprise 9.2); the prose
+    # responses are all far above the dataset's fence (surprise 3.0 - 3.2), the last one with a line that stands
+    # out from its own response too (surprise 11.5)
+    p = [0.5, 0.6, 0.55] * 6 + [0.05, 0.045, 0.04, 0.045, 0.04, 0.05, 0.05, 0.045, 1e-5]
+    p[2] = 1e-4
+    spans, selection, _ = spans_selection(tiny_tokenizer, examples, p)
+    assert spans.n_spans == 27
+    above_fence = np.array(p) < 0.1
+    assert (selection.span_surprise[above_fence] > selection.thresholds["span_surprise_fence"]).all()
+    expected = np.zeros(27, bool)
+    expected[[2, 26]] = True
+    assert selection.span_off_task.tolist() == expected.tolist()
+    assert selection.thresholds["spared_spans"] == int(above_fence.sum()) - 2
+    masked_spans = np.unique(spans.ids[selection.reasons > 0])
+    assert masked_spans.tolist() == [2, 26]
+
+
 def test_spans_mode_on_uniform_data_masks_nothing(tiny_tokenizer):
     lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "She has 8 apples now."]
     _, selection, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5, 0.5, 0.5])

@@ -14,8 +14,9 @@ Union mode (the paper, with the official code's caps):
 Weighted mode: rank-normalise each attribute (per example or dataset-wide), combine with `weights`, mask
 the lowest `drop_ratio` fraction.
 Spans mode: per span (sentence or line, see `spans.py`), the mean surprise `-log p` of its word tokens; a
-span that is not a template and lies above the robust fence `median + span_fence_k * 1.4826 * MAD` of all
-spans of the dataset is off-task, and its tokens are masked (reason bits TR + SPAN): all of them, or only the
+span that is not a template, lies above the robust fence `median + span_fence_k * scale` of all spans of the
+dataset (scale = 1.4826 MAD) and stands more than `span_fence_k * scale` above the least surprising other span
+of its own response is off-task, and its tokens are masked (reason bits TR + SPAN): all of them, or only the
 phrase that holds the excess surprise when that is a small part of the span; the most surprising spans
 first, up to `floor(drop_ratio * n)` tokens per example.
 Every mode never masks a protected token and never leaves an example without a trainable token.
@@ -408,7 +409,9 @@ def _select_spans(
     token_surprise = surprise(scores.kn)
     span_surprise = spans.mean(token_surprise)
     fence, median, scale = robust_fence(span_surprise, config.span_fence_k)
-    off_task = (span_surprise > fence) & ~spans.template
+    above_fence = (span_surprise > fence) & ~spans.template
+    spared = _not_above_own_response(above_fence, span_surprise, spans, median, config.span_fence_k * scale)
+    off_task = above_fence & ~spared
     candidate = response & ~protected
     # each span's maskable tokens, as slices of one array sorted by span
     tokens = np.flatnonzero((spans.ids >= 0) & candidate)
@@ -437,8 +440,35 @@ def _select_spans(
         "template_spans": int(spans.template.sum()),
         "off_task_spans": int(off_task.sum()),
         "dropped_spans": int(dropped_spans.size),
+        "spared_spans": int(spared.sum()),
     }
     return Selection(drop, flagged, np.full(n, np.nan, np.float32), thresholds, span_surprise, off_task)
+
+
+def _not_above_own_response(candidate: np.ndarray, span_surprise: np.ndarray, spans: Spans, median: float,
+                            margin: float) -> np.ndarray:
+    """bool `[n_spans]`: the `candidate` spans that stand no more than `margin` above the least surprising other
+    span of their own response (above the dataset's `median` where the response has no other span).
+
+    A response written in a more surprising style than most of the dataset (API documentation among math
+    answers) has most of its spans above the dataset's fence, and none of them is noise; inserted noise stands
+    out from the rest of its own response as well.
+    """
+    if not candidate.any():
+        return candidate.copy()
+    scored = np.flatnonzero(np.isfinite(span_surprise))
+    order = scored[np.lexsort((span_surprise[scored], spans.example[scored]))]  # by response, least surprising first
+    example = spans.example[order]
+    starts = np.r_[True, example[1:] != example[:-1]]
+    head = np.flatnonzero(starts)  # where each response's least surprising span sits in `order`
+    group = np.cumsum(starts) - 1
+    after = np.minimum(head + 1, len(order) - 1)
+    lowest = span_surprise[order[head]]
+    runner_up = np.where((head + 1 < len(order)) & (example[after] == example[head]), span_surprise[order[after]], np.nan)
+    reference = np.full(spans.n_spans, median)
+    reference[order] = np.where(starts, runner_up[group], lowest[group])
+    reference = np.where(np.isnan(reference), median, reference)
+    return candidate & (span_surprise <= reference + margin)
 
 
 def _off_task_part(members: np.ndarray, token_surprise: np.ndarray, content: np.ndarray, fence: float) -> np.ndarray:
