@@ -162,8 +162,12 @@ def _thresholds_rows(summary: dict[str, Any], config: dict[str, Any]) -> list[tu
         rows.append(("spans", (
             f"off-task when the mean surprise of a span's word tokens is above {_fmt(fence)} nats "
             f"(median {_fmt(thresholds['span_surprise_median'])} + {_esc(thresholds['span_fence_k'])} x "
-            f"{_fmt(thresholds['span_surprise_scale'])}); {thresholds['off_task_spans']:,} of "
-            f"{thresholds['spans']:,} spans, {thresholds['template_spans']:,} templates never masked"
+            f"{_fmt(thresholds['span_surprise_scale'])}) and more than {_esc(thresholds['span_fence_k'])} x "
+            f"{_fmt(thresholds['span_surprise_scale'])} above the least surprising other span of its response; "
+            f"{thresholds['off_task_spans']:,} of {thresholds['spans']:,} spans"
+            + (f", {thresholds['spared_spans']:,} above the fence but like the rest of their response (kept)"
+               if "spared_spans" in thresholds else "")
+            + f", {thresholds['template_spans']:,} templates never masked"
         ) if fence is not None else "no spread in span surprise: nothing is off-task"))
     if config.get("drop_ratio") is not None:
         rows.append(("drop ratio", _esc(config["drop_ratio"])))

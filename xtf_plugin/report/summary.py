@@ -158,6 +158,9 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
             ("  template spans (never filtered)", f"{spans['template_spans']:,}"),
             ("  surprise fence", "none (no spread)" if fence is None else f"{fence:.2f} nats per token"),
         ]
+        spared = (summary.get("thresholds") or {}).get("spared_spans")
+        if spared:
+            reasons.append(("  above the fence, like the rest of their response (kept)", f"{spared:,}"))
     rows: Sequence[tuple[str, str]] = [
         ("examples", f"{summary['examples']:,}"),
         ("truncated to max_length", f"{summary['examples_truncated']:,}"),
