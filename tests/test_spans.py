@@ -252,6 +252,20 @@ def test_a_response_in_a_more_surprising_style_is_not_noise_but_what_stands_out_
     assert selection.thresholds["spared_spans"] == int(above_fence.sum()) - 2
     masked_spans = np.unique(spans.ids[selection.reasons > 0])
     assert masked_spans.tolist() == [2, 26]
+    # the reports say why the prose stayed
+    from rich.console import Console
+
+    from xtf_plugin.report.html import _thresholds_rows
+    from xtf_plugin.report.summary import render_summary
+
+    rule = dict(_thresholds_rows({"thresholds": selection.thresholds}, {}))["spans"]
+    assert f"2 of 27 spans, {int(above_fence.sum()) - 2} above the fence but like the rest of their response (kept)" in rule
+    console = Console(record=True, width=200)
+    render_summary({"examples": 9, "examples_truncated": 0, "response_tokens": 1, "dropped_tokens": 1,
+                    "dropped_fraction": 0.0, "thresholds": selection.thresholds, "action": "remove",
+                    "dropped_spans": {"dropped_spans": 2, "spans": 27, "examples_with_a_dropped_span": 2,
+                                      "template_spans": 0}}, console=console)
+    assert "above the fence, like the rest of their response (kept)" in console.export_text()
 
 
 def test_spans_mode_on_uniform_data_masks_nothing(tiny_tokenizer):
