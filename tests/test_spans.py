@@ -255,16 +255,22 @@ def test_a_response_in_a_more_surprising_style_is_not_noise_but_what_stands_out_
     # the reports say why the prose stayed
     from rich.console import Console
 
+    from xtf_plugin.pipeline import ScoredDataset
     from xtf_plugin.report.html import _thresholds_rows
-    from xtf_plugin.report.summary import render_summary
+    from xtf_plugin.report.summary import render_summary, summarize
 
     rule = dict(_thresholds_rows({"thresholds": selection.thresholds}, {}))["spans"]
     assert f"2 of 27 spans, {int(above_fence.sum()) - 2} above the fence but like the rest of their response (kept)" in rule
+    ids, response, offsets = encode(tiny_tokenizer, examples)
+    n = len(ids)
+    scored = ScoredDataset(
+        input_ids=ids, labels=np.where(response, ids, -100), offsets=offsets,
+        scores=TokenScores(offsets, np.full(n, np.nan), np.where(response, 0.5, np.nan), np.full(n, np.nan)),
+        protected=ids == tiny_tokenizer.eos_token_id, selection=selection, config=XTFConfig(preset="spans"),
+        texts=TokenTexts(tiny_tokenizer), spans=spans,
+        stats={"scoring_seconds": 1.0, "tokens_per_second": 1.0, "cached_shards": 0})
     console = Console(record=True, width=200)
-    render_summary({"examples": 9, "examples_truncated": 0, "response_tokens": 1, "dropped_tokens": 1,
-                    "dropped_fraction": 0.0, "thresholds": selection.thresholds, "action": "remove",
-                    "dropped_spans": {"dropped_spans": 2, "spans": 27, "examples_with_a_dropped_span": 2,
-                                      "template_spans": 0}}, console=console)
+    render_summary(summarize(scored), console=console)
     assert "above the fence, like the rest of their response (kept)" in console.export_text()
 
 
