@@ -42,6 +42,29 @@ def test_xtf_score_writes_the_cleaned_examples_and_keeps_every_score(tiny_model_
     assert main(["report", str(out), "--examples", "1"]) == 0
 
 
+def test_the_parquet_is_written_a_row_group_at_a_time_with_the_same_rows(tiny_model_dir, gsm8k_jsonl, tmp_path,
+                                                                         cache_dir, monkeypatch):
+    import xtf_plugin.output as output
+
+    written = {}
+    for rows in (7, 10**6):
+        monkeypatch.setattr(output, "ROWS_PER_GROUP", rows)
+        out = tmp_path / f"groups-of-{rows}"
+        assert main(["score", "--model", str(tiny_model_dir), "--data", str(gsm8k_jsonl), "--out", str(out), "--quiet",
+                     "--set", "preset=paper", "--set", "action=remove"]) == 0
+        parquet = pq.ParquetFile(out / "train.parquet")
+        table = parquet.read()
+        written[rows] = parquet.metadata.num_row_groups, {
+            name: (np.diff(column.offsets.to_numpy()), column.values.to_numpy(zero_copy_only=False))
+            for name, column in ((name, table.column(name).combine_chunks()) for name in table.column_names)}
+    n = len(written[10**6][1]["input_ids"][0])
+    assert n > 7 and written[7][0] == -(-n // 7) and written[10**6][0] == 1
+    assert written[7][1].keys() == written[10**6][1].keys()
+    for name, (lengths, values) in written[7][1].items():
+        assert np.array_equal(lengths, written[10**6][1][name][0])
+        assert np.array_equal(values, written[10**6][1][name][1], equal_nan=values.dtype.kind == "f")
+
+
 def test_mask_and_remove_select_the_same_tokens(tiny_model_dir, gsm8k_jsonl, tmp_path, cache_dir):
     masked, removed = tmp_path / "masked", tmp_path / "removed"
     for out, action in ((masked, "mask"), (removed, "remove")):

@@ -43,32 +43,53 @@ def list_array(values: np.ndarray, offsets: np.ndarray, arrow_type: Any = None):
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat)
 
 
-def scored_table(scored: Any):  # type: ignore[no-untyped-def]
-    """A pyarrow Table of a `ScoredDataset` (columns as described in the module docstring)."""
+ROWS_PER_GROUP = 4096
+"""Examples per parquet row group: the writer holds one group's columns at a time, not the whole dataset's."""
+
+
+def scored_tables(scored: Any, rows_per_group: int | None = None):  # type: ignore[no-untyped-def]
+    """pyarrow Tables of consecutive examples of a `ScoredDataset`, `rows_per_group` (default `ROWS_PER_GROUP`)
+    rows each (columns as described in the module docstring; one empty table for an empty dataset)."""
     import pyarrow as pa
 
-    from xtf_plugin.token_scores import flatten
-
+    rows_per_group = rows_per_group or ROWS_PER_GROUP
     offsets = scored.offsets
-    ids, labels, _ = scored.training_examples()
-    flat_ids, train_offsets = flatten(ids)
-    flat_labels, _ = flatten(labels)
-    columns = {
-        "input_ids": list_array(flat_ids, train_offsets),
-        "attention_mask": list_array(np.ones(len(flat_ids), np.int8), train_offsets),
-        "labels": list_array(flat_labels, train_offsets),
-    }
-    if scored.config.action == "remove":
-        # the training columns lack the removed tokens; the scores keep every token, with the example they belong to
-        columns["xtf_input_ids"] = list_array(scored.input_ids.astype(np.int64), offsets)
-        columns["xtf_labels"] = list_array(scored.filtered_labels, offsets)
-    columns.update({
-        "xtf_ri": list_array(scored.scores.ri, offsets),
-        "xtf_kn": list_array(scored.scores.kn, offsets),
-        "xtf_tr": list_array(scored.scores.tr, offsets),
-        "xtf_drop": list_array(scored.selection.reasons.astype(np.int8), offsets),
-    })
-    return pa.table(columns)
+    remove = scored.config.action == "remove"
+    labels_out, kept_all = scored.filtered_labels, scored.kept_in_input
+    kept_before = np.concatenate([[0], np.cumsum(kept_all)])
+    for first in range(0, max(scored.n_examples, 1), rows_per_group):
+        last = min(scored.n_examples, first + rows_per_group)
+        start, stop = int(offsets[first]), int(offsets[last])
+        local = offsets[first : last + 1] - start
+        ids, labels = scored.input_ids[start:stop], labels_out[start:stop]
+        train_ids, train_labels, train_offsets = ids, labels, local
+        if remove:
+            kept = kept_all[start:stop]
+            train_ids, train_labels = ids[kept], labels[kept]
+            train_offsets = kept_before[offsets[first : last + 1]] - kept_before[start]
+        columns = {
+            "input_ids": list_array(train_ids, train_offsets),
+            "attention_mask": list_array(np.ones(len(train_ids), np.int8), train_offsets),
+            "labels": list_array(train_labels, train_offsets),
+        }
+        if remove:
+            # the training columns lack the removed tokens; the scores keep every token, with the example they belong to
+            columns["xtf_input_ids"] = list_array(ids.astype(np.int64), local)
+            columns["xtf_labels"] = list_array(labels, local)
+        columns.update({
+            "xtf_ri": list_array(scored.scores.ri[start:stop], local),
+            "xtf_kn": list_array(scored.scores.kn[start:stop], local),
+            "xtf_tr": list_array(scored.scores.tr[start:stop], local),
+            "xtf_drop": list_array(scored.selection.reasons[start:stop].astype(np.int8), local),
+        })
+        yield pa.table(columns)
+
+
+def scored_table(scored: Any):  # type: ignore[no-untyped-def]
+    """A pyarrow Table of a whole `ScoredDataset` (see `scored_tables`)."""
+    import pyarrow as pa
+
+    return pa.concat_tables(list(scored_tables(scored)))
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -85,7 +106,14 @@ def write_output_dir(out_dir: Path, scored: Any, summary: dict[str, Any], overwr
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        pq.write_table(scored_table(scored), tmp / TRAIN_FILE)
+        writer = None
+        try:
+            for table in scored_tables(scored):
+                writer = writer or pq.ParquetWriter(tmp / TRAIN_FILE, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float) + "\n")
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump({"xtf": scored.config.model_dump(mode="json")}, sort_keys=False))
         os.chmod(tmp, 0o755)
