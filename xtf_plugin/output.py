@@ -56,7 +56,7 @@ def scored_tables(scored: Any, rows_per_group: int | None = None):  # type: igno
     offsets = scored.offsets
     remove = scored.config.action == "remove"
     labels_out, kept_all = scored.filtered_labels, scored.kept_in_input
-    kept_before = np.concatenate([[0], np.cumsum(kept_all)])
+    kept_before = np.concatenate([[0], np.cumsum(kept_all)]) if remove else None  # removal: kept tokens before each position
     for first in range(0, max(scored.n_examples, 1), rows_per_group):
         last = min(scored.n_examples, first + rows_per_group)
         start, stop = int(offsets[first]), int(offsets[last])
@@ -83,13 +83,6 @@ def scored_tables(scored: Any, rows_per_group: int | None = None):  # type: igno
             "xtf_drop": list_array(scored.selection.reasons[start:stop].astype(np.int8), local),
         })
         yield pa.table(columns)
-
-
-def scored_table(scored: Any):  # type: ignore[no-untyped-def]
-    """A pyarrow Table of a whole `ScoredDataset` (see `scored_tables`)."""
-    import pyarrow as pa
-
-    return pa.concat_tables(list(scored_tables(scored)))
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
