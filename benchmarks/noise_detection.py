@@ -1,7 +1,8 @@
 """Does XTF find injected noise? Token-level noise detection on GSM8K answers with the demo model.
 
-Injects one of four kinds of noise into a seeded, known fraction of GSM8K answers (filler phrases at sentence
-starts, an off-task sentence between reasoning lines, assistant boilerplate, random vocabulary strings),
+Injects one of five kinds of noise into a seeded, known fraction of GSM8K answers (filler phrases at sentence
+starts, an off-task sentence between reasoning lines, assistant boilerplate, random vocabulary strings, a
+reasoning line said again right after itself as a looping response does),
 records the injected character spans, scores everything with the real pipeline at default `XTFConfig` (what
 `xtf score` does, cache off) and reports, per noise kind:
 
@@ -51,7 +52,7 @@ from xtf_plugin.tokens import special_token_ids
 
 RESULTS = Path(__file__).parent / "results" / "noise_detection.json"
 QUICK_ROWS = 60
-KINDS = ("filler", "off_task", "boilerplate", "random_tokens")
+KINDS = ("filler", "off_task", "boilerplate", "random_tokens", "repetition")
 HELD_OUT = ("filler", "boilerplate")
 """Kinds kept aside while the spans selection was designed (on off_task, random_tokens and the downstream
 benchmark's word salad): their numbers are the test of a rule that was not tuned on them."""
@@ -148,6 +149,13 @@ def inject(answer: str, kind: str, rng: random.Random, vocabulary: list[str]) ->
     elif kind == "boilerplate":
         # the same opener / disclaimer recur across the dataset: boilerplate is repetition, not content
         result = insert_all(answer, [(0, rng.choice(OPENERS) + "\n"), (body_end, DISCLAIMER + "\n")])
+    elif kind == "repetition":
+        # a looping response: its longest reasoning line said again once or twice, right after itself
+        lines = [m for m in re.finditer(r"[^\n]+\n", answer[:body_end])]
+        if not lines:
+            raise ValueError("an answer without a reasoning line cannot loop")
+        line = max(lines, key=lambda m: len(m.group(0).split()))
+        result = insert_all(answer, [(line.end(), line.group(0))] * rng.randint(1, 2))
     elif kind == "random_tokens":
         spaces = [m.start() for m in re.finditer(" ", answer[:body_end])] or [body_end]
         words = "".join(" " + rng.choice(vocabulary) for _ in range(rng.randint(4, 8)))
@@ -160,7 +168,7 @@ def inject(answer: str, kind: str, rng: random.Random, vocabulary: list[str]) ->
 
 def inject_dataset(records: list[dict[str, Any]], fraction: float, seed: int, tokenizer: Any) -> list[NoisyAnswer]:
     """Noise in `round(fraction * n)` seeded-random answers, the kinds dealt out in turn so each gets a
-    quarter; the other answers stay as they are."""
+    fifth; the other answers stay as they are."""
     rng = random.Random(seed)
     noisy = rng.sample(range(len(records)), round(fraction * len(records)))
     kind_of = {index: KINDS[k % len(KINDS)] for k, index in enumerate(noisy)}

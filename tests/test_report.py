@@ -155,9 +155,10 @@ def test_html_report_in_headless_chromium(scored_dir, tmp_path):
     assert dom.count('class="example"') == 5
     first = np.concatenate([scored.selection.reasons[scored.example_slice(i)][scored.response[scored.example_slice(i)]] for i in range(5)])
     spans = re.findall(r'<span class="(tok[^"]*)"', dom)
-    assert len(spans) == len(first) + 5  # + the legend's five swatches
+    swatches = 6  # the legend: RI, KN, TR, several, off-task span, repeated span
+    assert len(spans) == len(first) + swatches
     dropped = [c for c in spans if "drop" in c.split()]
-    assert len(dropped) == int((first > 0).sum()) + 5
+    assert len(dropped) == int((first > 0).sum()) + swatches
     single = {1: "drop-ri", 2: "drop-kn", 4: "drop-tr"}
     for bits in (1, 2, 4):
         assert dom.count(f'class="tok drop {single[bits]}"') == int((first == bits).sum()) + 1

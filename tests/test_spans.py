@@ -274,6 +274,31 @@ def test_a_response_in_a_more_surprising_style_is_not_noise_but_what_stands_out_
     assert "above the fence, like the rest of their response (kept)" in console.export_text()
 
 
+def test_a_long_span_said_again_in_its_response_is_a_repeat(tiny_tokenizer):
+    first = "She buys 3 red apples at the market.\n"
+    examples = [("Q\n", first + "Then she eats one.\n" + "she buys 3 red apples at the Market!\n" + "Ok, so.\n"
+                 + "Ok, so.\n" + "She buys 4 red apples at the market.\n"),
+                ("Q2\n", first)]
+    _, _, _, spans = spans_of(tiny_tokenizer, examples)
+    repeats = [text for text, repeat in zip(spans.texts, spans.repeat.tolist(), strict=True) if repeat]
+    # case and punctuation aside; not a short line (`Ok, so.`), not another number, not across responses
+    assert repeats == ["she buys 3 red apples at the Market!\n"]
+
+
+def test_spans_mode_masks_a_repeat_and_keeps_its_first_occurrence(tiny_tokenizer):
+    lines = ["She buys 3 red apples at the market.\n", "Then she eats one of them.\n",
+             "She buys 3 red apples at the market.\n", "So she has 2 apples left.\n", "That is the result here."]
+    spans, selection, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5] * 5)
+    # uniform surprise: nothing is off-task, the copy is masked as adding no knowledge (KN + span)
+    assert selection.thresholds["off_task_spans"] == 0 and selection.thresholds["repeated_spans"] == 1
+    assert (selection.reasons[spans.ids == 2] == 2 | SPAN_BIT).all()
+    assert (selection.reasons[spans.ids != 2] == 0).all()
+    # the ceiling holds for repeats too: flagged, not masked
+    _, tight, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5] * 5,
+                                  drop_ratio=2 / int(response.sum()))
+    assert (tight.reasons == 0).all() and (tight.flagged[spans.ids == 2] == 2 | SPAN_BIT).all()
+
+
 def test_spans_mode_on_uniform_data_masks_nothing(tiny_tokenizer):
     lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "She has 8 apples now."]
     _, selection, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5, 0.5, 0.5])
@@ -352,8 +377,10 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     from xtf_plugin.report.terminal import marked_text
 
     lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "Blue moon singing quietly tonight.\n",
-             "She has 8 apples now.\n", "So she has more than before.\n", "That is the result here."]
-    spans, selection, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5, 0.6, 0.001, 0.4, 0.55, 0.45])
+             "She has 8 apples now.\n", "Then she buys 3 more apples.\n", "So she has more than before.\n",
+             "That is the result here."]
+    spans, selection, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))],
+                                                 [0.5, 0.6, 0.001, 0.4, 0.5, 0.55, 0.45])
     ids, _, offsets = encode(tiny_tokenizer, [("Q\n", "".join(lines))])
     labels = np.where(response, ids, -100)
     n = len(ids)
@@ -365,19 +392,22 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
                                                               "cached_shards": 0},
     )
     summary = {**summarize(scored), "model": str(tiny_model_dir), "data": "hand-made"}
-    assert summary["dropped_spans"]["dropped_spans"] == 1
+    assert summary["dropped_spans"]["dropped_spans"] == 2 and summary["dropped_spans"]["repeated_spans"] == 1
     assert summary["dropped_spans"]["most_surprising"] == [
         {"example": 0, "surprise": pytest.approx(6.908, abs=1e-3), "text": "Blue moon singing quietly tonight.\n"}]
-    assert "removed 1 off-task spans of 6 in 1 examples" in summary_line(summary)
+    assert "removed 1 off-task and 1 repeated spans of 7 in 1 examples" in summary_line(summary)
     out = write_output_dir(tmp_path / "scored", scored, summary)
 
     loaded = attach_texts(read_output_dir(out))
     marked = marked_text(loaded, 0)
-    assert marked == "".join(lines[:2]) + "[[Blue moon singing quietly tonight.\n]](TR span)" + "".join(lines[3:]) + "<|im_end|>"
+    assert marked == ("".join(lines[:2]) + "[[Blue moon singing quietly tonight.\n]](TR span)" + lines[3]
+                      + "[[Then she buys 3 more apples.\n]](KN span)" + "".join(lines[5:]) + "<|im_end|>")
     write_tokens_jsonl(loaded, tmp_path / "tokens.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "tokens.jsonl").read_text().splitlines()]
-    assert "".join(r["token"] for r in rows if r["span"]) == lines[2]
-    assert all(r["reasons"] == ["relevance"] and not r["kept"] for r in rows if r["span"])
+    assert "".join(r["token"] for r in rows if r["span"]) == lines[2] + lines[4]
+    assert "".join(r["token"] for r in rows if r["span"] and r["reasons"] == ["relevance"]) == lines[2]
+    assert "".join(r["token"] for r in rows if r["span"] and r["reasons"] == ["novelty"]) == lines[4]
+    assert not any(r["kept"] for r in rows if r["span"])
 
     page = write_html(loaded, tmp_path / "report.html").read_text()
     assert "Removed spans" in page and "Blue moon singing quietly tonight." in page
@@ -393,3 +423,6 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     # the legend's swatch has no title; every token of the masked span is struck through, with its reason
     assert "".join(text for _, text in struck) == lines[2]
     assert all("dropped: TR (off-task span)" in title for title, _ in struck)
+    repeated = re.findall(r'<span class="tok drop drop-kn drop-span"[^>]*title="([^"]*)"[^>]*>([^<]*)</span>', dom)
+    assert "".join(text for _, text in repeated) == lines[4]
+    assert all("dropped: KN (repeats an earlier span)" in title for title, _ in repeated)

@@ -127,7 +127,7 @@ class XTFConfig(_Strict):
         "union",
         description="union: the paper's per-attribute tests, OR-ed; weighted: drop the lowest drop_ratio "
         "fraction of the weighted, rank-normalised combined score; spans: mask the off-task spans (sentences, "
-        "lines) of each response.",
+        "lines) of each response, and those that repeat an earlier span of it word for word.",
     )
     weights: AttributeWeights = Field(default_factory=AttributeWeights, description="Attribute weights.")
     drop_ratio: float = Field(

@@ -2,8 +2,8 @@
 
 `train.parquet` has one row per input example, in input order: `input_ids`, `attention_mask`, `labels` (XTF's
 masked tokens set to -100), `xtf_ri`, `xtf_kn`, `xtf_tr` (float lists aligned with `input_ids`, NaN where a
-token has no score) and `xtf_drop` (reason bits: 1 = RI, 2 = KN, 4 = TR; 8 = masked with an off-task span, with TR). `trl sft` and axolotl read it as a
-pre-tokenised dataset as it is. With `action: remove` the three training columns lack the removed tokens, and
+token has no score) and `xtf_drop` (reason bits: 1 = RI, 2 = KN, 4 = TR; 8 = masked with its span, with TR an
+off-task span, with KN a repeat). `trl sft` and axolotl read it as a pre-tokenised dataset as it is. With `action: remove` the three training columns lack the removed tokens, and
 `xtf_input_ids` / `xtf_labels` hold every token, aligned with the score columns.
 
 The folder is written next to its destination under a temporary name and renamed into place, so an

@@ -17,8 +17,9 @@ Spans mode: per span (sentence or line, see `spans.py`), the mean surprise `-log
 span that is not a template, lies above the robust fence `median + span_fence_k * scale` of all spans of the
 dataset (scale = 1.4826 MAD) and stands more than `span_fence_k * scale` above the least surprising other span
 of its own response is off-task, and its tokens are masked (reason bits TR + SPAN): all of them, or only the
-phrase that holds the excess surprise when that is a small part of the span; the most surprising spans
-first, up to `floor(drop_ratio * n)` tokens per example.
+phrase that holds the excess surprise when that is a small part of the span. A span that repeats an earlier span
+of its response word for word (`Spans.repeat`) adds nothing new, and its tokens are masked (KN + SPAN). Repeats
+first, then the most surprising spans, up to `floor(drop_ratio * n)` tokens per example.
 Every mode never masks a protected token and never leaves an example without a trainable token.
 """
 
@@ -417,13 +418,20 @@ def _select_spans(
     tokens = np.flatnonzero((spans.ids >= 0) & candidate)
     tokens = tokens[np.argsort(spans.ids[tokens], kind="stable")]
     bounds = np.searchsorted(spans.ids[tokens], np.arange(spans.n_spans + 1))
-    bits = np.uint8(REASON_BITS["relevance"] | SPAN_BIT)
+    off_task_bits = np.uint8(REASON_BITS["relevance"] | SPAN_BIT)
+    repeat_bits = np.uint8(REASON_BITS["novelty"] | SPAN_BIT)
+    repeated = spans.repeat & ~off_task
     flagged = np.zeros(n, np.uint8)
     drop = np.zeros(n, np.uint8)
     budget = [math.floor(config.drop_ratio * int(response[part].sum())) for part in scores.example_slices()]
     chosen = np.flatnonzero(off_task)
-    for index in chosen[np.argsort(-span_surprise[chosen], kind="stable")]:
-        members = _off_task_part(tokens[bounds[index] : bounds[index + 1]], token_surprise, spans.content, fence)
+    # repeats first, in response order: a copy is certain to add nothing, a surprising span only likely
+    for index in [*np.flatnonzero(repeated).tolist(), *chosen[np.argsort(-span_surprise[chosen], kind="stable")].tolist()]:
+        span_tokens = tokens[bounds[index] : bounds[index + 1]]
+        if repeated[index]:
+            members, bits = span_tokens, repeat_bits
+        else:
+            members, bits = _off_task_part(span_tokens, token_surprise, spans.content, fence), off_task_bits
         flagged[members] = bits
         e = int(spans.example[index])
         if 0 < members.size <= budget[e]:
@@ -439,6 +447,7 @@ def _select_spans(
         "spans": spans.n_spans,
         "template_spans": int(spans.template.sum()),
         "off_task_spans": int(off_task.sum()),
+        "repeated_spans": int(repeated.sum()),
         "dropped_spans": int(dropped_spans.size),
         "spared_spans": int(spared.sum()),
     }

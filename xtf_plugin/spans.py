@@ -13,6 +13,10 @@ or from earlier in the response replaced by `_`, case and spacing folded) recurs
 the question in a fixed wording. Templates carry the task's format and its results, and spans selection never
 masks them. A sentence repeated word for word is
 not a template: it has no slot for the example's content, which is what boilerplate looks like.
+
+A span is a *repeat* when it has at least `REPEAT_MIN_WORDS` words and its words are those of an earlier span of
+the same response, word for word (case and punctuation aside): a response that loops says nothing new the
+second time, and its first occurrence stays trained.
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ MIN_CONTENT_TOKENS = 3
 TEMPLATE_MIN_EXAMPLES = 3
 TEMPLATE_MIN_SHARE = 0.01
 """A span shape is a template when at least this many responses (and this share of all) contain it."""
+REPEAT_MIN_WORDS = 6
+"""A span needs this many words to be a repeat: short lines (`Step 1:`, `So:`) recur in good answers."""
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s*$")
 _WORD = re.compile(r"\w")
 _LETTERS = re.compile(r"[^\W\d_]+")
+_WORDS = re.compile(r"\w+")
 
 
 @dataclass
@@ -43,7 +50,8 @@ class Spans:
     Attributes:
         ids: int64 `[n_tokens]`, span index of each token, -1 for tokens in no span (prompt, special tokens).
         example: int64 `[n_spans]`, the example each span belongs to.
-        template: bool `[n_spans]`, the span's shape recurs across responses (never masked by spans selection).
+        template: bool `[n_spans]`, the span's shape recurs across responses (never masked as off-task).
+        repeat: bool `[n_spans]`, the span repeats an earlier span of its response word for word.
         content: bool `[n_tokens]`, the token holds a letter or a digit (the tokens a span's score averages).
         texts: `[n_spans]` the text of each span.
     """
@@ -51,6 +59,7 @@ class Spans:
     ids: np.ndarray
     example: np.ndarray
     template: np.ndarray
+    repeat: np.ndarray
     content: np.ndarray
     texts: list[str]
 
@@ -92,7 +101,8 @@ def find_spans(
     n = len(input_ids)
     n_examples = len(offsets) - 1
     if n == 0:
-        return Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool), [])
+        return Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool),
+                     np.zeros(0, bool), [])
     distinct, inverse = np.unique(np.asarray(input_ids, np.int64), return_inverse=True)
     pieces = texts.of(distinct.tolist())
 
@@ -113,7 +123,7 @@ def find_spans(
     raw = np.where(inside, np.cumsum(starts) - 1, -1)
     first = np.flatnonzero(starts)
     if first.size == 0:  # no response token anywhere: no span
-        return Spans(np.full(n, -1, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), content, [])
+        return Spans(np.full(n, -1, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool), content, [])
     # the last token of each piece: the last inside token before the next piece starts
     last = np.maximum.reduceat(np.where(inside, np.arange(n), -1), first) if first.size else first
     n_raw = first.size
@@ -137,8 +147,8 @@ def find_spans(
     prompts = ["".join(token_texts[j] for j in context[context_bounds[e] : context_bounds[e + 1]])
                for e in range(n_examples)]
     shapes = _copy_folded_shapes(span_texts, example, prompts)
-    return Spans(ids.astype(np.int64), example, _templates(shapes, span_texts, example, n_examples), content,
-                 span_texts)
+    return Spans(ids.astype(np.int64), example, _templates(shapes, span_texts, example, n_examples),
+                 _repeats(span_texts, example), content, span_texts)
 
 
 def _copy_folded_shapes(span_texts: list[str], example: np.ndarray, prompts: list[str]) -> list[str]:
@@ -202,3 +212,21 @@ def _templates(shapes: list[str], span_texts: list[str], example: np.ndarray, n_
     return np.fromiter(
         (len(holders[shape]) >= needed and len(variants[shape]) > 1 for shape in shapes), bool, len(shapes)
     )
+
+
+def _repeats(span_texts: list[str], example: np.ndarray) -> np.ndarray:
+    """bool `[n_spans]`: the span has `REPEAT_MIN_WORDS` words or more, and an earlier span of its response has
+    the same words in the same order."""
+    out = np.zeros(len(span_texts), bool)
+    seen: set[str] = set()
+    previous = -1
+    for k, (text, e) in enumerate(zip(span_texts, example.tolist(), strict=True)):
+        if e != previous:
+            seen, previous = set(), e
+        words = _WORDS.findall(text.lower())
+        if len(words) < REPEAT_MIN_WORDS:
+            continue
+        key = " ".join(words)
+        out[k] = key in seen
+        seen.add(key)
+    return out

@@ -21,7 +21,7 @@ def _score(value: float) -> float | None:
 def write_tokens_jsonl(scored: ScoredDataset, path: str | Path) -> int:
     """Write `{"example", "position", "token", "ri", "kn", "tr", "reasons", "span", "kept"}` per token (scores
     `null` where unscored, `reasons` the attribute names that dropped it, `span` true where it was masked with
-    its off-task span, `kept` false for dropped tokens); returns the number of rows."""
+    its span (off-task or a repeat), `kept` false for dropped tokens); returns the number of rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [reason_names(b) for b in range(8)]

@@ -168,6 +168,8 @@ def _thresholds_rows(summary: dict[str, Any], config: dict[str, Any]) -> list[tu
             + (f", {thresholds['spared_spans']:,} above the fence but like the rest of their response (kept)"
                if "spared_spans" in thresholds else "")
             + f", {thresholds['template_spans']:,} templates never masked"
+            + (f"; {thresholds['repeated_spans']:,} spans repeat an earlier span of their response word for word"
+               if "repeated_spans" in thresholds else "")
         ) if fence is not None else "no spread in span surprise: nothing is off-task"))
     if config.get("drop_ratio") is not None:
         rows.append(("drop ratio", _esc(config["drop_ratio"])))
@@ -264,8 +266,11 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
     spans = summary.get("dropped_spans")
     spans_html = ""
     if spans is not None:
-        rows.append((f"off-task spans {filtered_verb(summary)}", f"{spans['dropped_spans']:,} of {spans['spans']:,} in "
+        repeated = spans.get("repeated_spans", 0)
+        rows.append((f"off-task spans {filtered_verb(summary)}", f"{spans['dropped_spans'] - repeated:,} of {spans['spans']:,} in "
                      f"{spans['examples_with_a_dropped_span']:,} examples"))
+        if repeated:
+            rows.append((f"repeated spans {filtered_verb(summary)}", f"{repeated:,}"))
         items = "".join(
             f"<tr><td class='num'>#{item['example']}</td><td class='num'>{item['surprise']:.2f}</td>"
             f"<td><code>{_esc(json.dumps(item['text'], ensure_ascii=False))}</code></td></tr>"
@@ -290,7 +295,7 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
     legend = "".join(
         f"<span class='tok drop drop-{key}'>{label}</span> "
         for key, label in (*((a.field, a.short) for a in ATTRIBUTE_REGISTRY), ("multi", "several"),
-                           ("tr drop-span", "off-task span"))
+                           ("tr drop-span", "off-task span"), ("kn drop-span", "repeated span"))
     )
     attribute_options = "".join(f'<option value="{a.bit}">dropped by {a.short}</option>' for a in ATTRIBUTE_REGISTRY)
     body = f"""
@@ -313,7 +318,7 @@ limit how many of the tokens past a threshold are dropped); dashed: thresholds.<
  <select id="reason" aria-label="filter by reason">
   <option value="all">all examples</option><option value="any">with a dropped token</option>
   {attribute_options}
-  <option value="8">an off-task span</option>
+  <option value="8">a masked span (off-task or repeated)</option>
   <option value="16">a token with several reasons</option><option value="none">nothing dropped</option>
  </select>
  <select id="sort" aria-label="sort">
@@ -392,7 +397,7 @@ JS = r"""
   function describe(e, j) {
     var bits = e[5][j];
     return 'RI ' + fmt(e[6][j]) + '  KN ' + fmt(e[7][j]) + '  TR ' + fmt(e[8][j]) +
-      (bits ? '  | dropped: ' + reasons(bits).join('+') + (bits & 8 ? ' (off-task span)' : '') : '  | kept');
+      (bits ? '  | dropped: ' + reasons(bits).join('+') + (bits & 8 ? (bits & 2 ? ' (repeats an earlier span)' : ' (off-task span)') : '') : '  | kept');
   }
   function frac(e) { return e[1] ? e[2] / e[1] : 0; }
   function update() {

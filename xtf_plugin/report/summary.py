@@ -47,19 +47,23 @@ def top_dropped_tokens(
 
 
 def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
-    """Spans mode: how many spans were masked, and the most surprising ones with their example, text and mean
-    surprise (nats per word token); None in the other modes."""
+    """Spans mode: how many spans were masked (off-task or repeated), and the most surprising off-task ones with
+    their example, text and mean surprise (nats per word token); None in the other modes."""
     selection, spans = scored.selection, scored.spans
     if selection.span_surprise is None or spans is None:
         return None
     dropped_tokens = (selection.reasons & SPAN_BIT) > 0
-    dropped = np.unique(spans.ids[dropped_tokens & (spans.ids >= 0)])
-    order = dropped[np.argsort(-selection.span_surprise[dropped], kind="stable")][:limit]
+    in_span = dropped_tokens & (spans.ids >= 0)
+    dropped = np.unique(spans.ids[in_span])
+    repeated = np.unique(spans.ids[in_span & ((selection.reasons & REASON_BITS["novelty"]) > 0)])
+    off_task = np.setdiff1d(dropped, repeated)
+    order = off_task[np.argsort(-selection.span_surprise[off_task], kind="stable")][:limit]
     return {
         "spans": spans.n_spans,
         "template_spans": int(spans.template.sum()),
         "off_task_spans": int(selection.span_off_task.sum()),
         "dropped_spans": int(dropped.size),
+        "repeated_spans": int(repeated.size),
         "examples_with_a_dropped_span": int(np.unique(spans.example[dropped]).size),
         "most_surprising": [
             {"example": int(spans.example[i]), "surprise": round(float(selection.span_surprise[i]), 3), "text": spans.texts[i]}
@@ -110,6 +114,13 @@ def filtered_verb(summary: dict[str, Any]) -> str:
     return "removed" if summary.get("action") == "remove" else "masked"
 
 
+def _dropped_spans_phrase(spans: dict[str, Any]) -> str:
+    """`3 off-task spans`, or `3 off-task and 2 repeated spans` when some masked span was a repeat."""
+    repeated = spans.get("repeated_spans", 0)
+    off_task = spans["dropped_spans"] - repeated
+    return f"{off_task} off-task and {repeated} repeated spans" if repeated else f"{off_task} off-task spans"
+
+
 def summary_line(summary: dict[str, Any]) -> str:
     """One log line: kept fraction, per-attribute drop fractions, top dropped tokens."""
     by = summary["dropped_fraction_by_attribute"]
@@ -121,7 +132,7 @@ def summary_line(summary: dict[str, Any]) -> str:
         return (
             f"XTF: kept {summary['kept_fraction']:.1%} of {summary['response_tokens']} response tokens in "
             f"{summary['examples']} examples; {filtered_verb(summary)} "
-            f"{spans['dropped_spans']} off-task spans of {spans['spans']} "
+            + _dropped_spans_phrase(spans) + f" of {spans['spans']} "
             f"in {spans['examples_with_a_dropped_span']} examples"
             + (f", e.g. {spans['most_surprising'][0]['text'].strip()!r}" if spans["most_surprising"] else "")
         )
@@ -153,7 +164,9 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
     else:
         fence = (summary.get("thresholds") or {}).get("span_surprise_fence")
         reasons = [
-            (f"  off-task spans {filtered_verb(summary)}", f"{spans['dropped_spans']:,} of {spans['spans']:,} spans"),
+            (f"  off-task spans {filtered_verb(summary)}",
+             f"{spans['dropped_spans'] - spans.get('repeated_spans', 0):,} of {spans['spans']:,} spans"),
+            (f"  repeated spans {filtered_verb(summary)}", f"{spans.get('repeated_spans', 0):,}"),
             ("  in examples", f"{spans['examples_with_a_dropped_span']:,}"),
             ("  template spans (never filtered)", f"{spans['template_spans']:,}"),
             ("  surprise fence", "none (no spread)" if fence is None else f"{fence:.2f} nats per token"),

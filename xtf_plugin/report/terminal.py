@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from xtf_plugin.config import REASON_BITS, SHORT_NAMES
+from xtf_plugin.config import SHORT_NAMES
 from xtf_plugin.report.stats import reason_names
 from xtf_plugin.selection import SPAN_BIT
 
@@ -18,31 +18,38 @@ SEVERAL_STYLE = "black on yellow"
 
 
 def reasons_label(bits: int) -> str:
-    """`6` -> `KN+TR`; `12` -> `TR span` (masked with its off-task span)."""
+    """`6` -> `KN+TR`; `12` -> `TR span` (masked with its off-task span); `10` -> `KN span` (a repeat)."""
     label = "+".join(SHORT_NAMES[n] for n in reason_names(bits))
     return f"{label} span" if bits & SPAN_BIT else label
 
 
 def marked_text(scored: ScoredDataset, index: int) -> str:
     """The response of example `index` with each dropped token as `[[token]](KN)`, and each masked span as
-    one `[[span text]](TR span)`."""
+    one `[[span text]](TR span)` (off-task) or `[[span text]](KN span)` (a repeat)."""
     part = scored.example_slice(index)
-    response = scored.response[part]
     pieces: list[str] = []
     run: list[str] = []
-    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.selection.reasons[part].tolist(), response.tolist(), strict=True):
+    run_bits = 0
+
+    def close_run() -> None:
+        if run:
+            pieces.append(f"[[{''.join(run)}]]({reasons_label(run_bits)})")
+            run.clear()
+
+    for token_id, bits, trained in zip(scored.input_ids[part].tolist(), scored.selection.reasons[part].tolist(),
+                                       scored.response[part].tolist(), strict=True):
         if not trained:
             continue
         text = scored.texts[token_id]
         if bits & SPAN_BIT:
+            if bits != run_bits:
+                close_run()
             run.append(text)
+            run_bits = bits
             continue
-        if run:
-            pieces.append(f"[[{''.join(run)}]]({reasons_label(REASON_BITS['relevance'] | SPAN_BIT)})")
-            run = []
+        close_run()
         pieces.append(f"[[{text}]]({reasons_label(bits)})" if bits else text)
-    if run:
-        pieces.append(f"[[{''.join(run)}]]({reasons_label(REASON_BITS['relevance'] | SPAN_BIT)})")
+    close_run()
     return "".join(pieces)
 
 
@@ -68,7 +75,7 @@ def print_examples(scored: ScoredDataset, count: int, console: Any = None) -> No
     console = console or Console()
     count = min(count, scored.n_examples)
     tty = console.is_terminal
-    legend = "dropped tokens: " + ", ".join(f"{SHORT_NAMES[n]} = lacking {n}" for n in SHORT_NAMES) + ", span = an off-task span"
+    legend = "dropped tokens: " + ", ".join(f"{SHORT_NAMES[n]} = lacking {n}" for n in SHORT_NAMES) + ", span = a masked span (TR span: off-task, KN span: repeats an earlier one)"
     if tty:
         console.print(legend + " (colours: RI red, KN blue, TR green, several yellow)")
     else:
