@@ -15,7 +15,7 @@ Weighted mode: rank-normalise each attribute (per example or dataset-wide), comb
 the lowest `drop_ratio` fraction.
 Spans mode: per span (sentence or line, see `spans.py`), the mean surprise `-log p` of its word tokens; a
 span that is not a template, lies above the robust fence `median + span_fence_k * scale` of all spans of the
-dataset (scale = 1.4826 MAD) and stands more than `span_fence_k * scale` above the least surprising other span
+dataset but the repeats (scale = 1.4826 MAD) and stands more than `span_fence_k * scale` above the least surprising other span
 of its own response is off-task, and its tokens are masked (reason bits TR + SPAN): all of them, or only the
 phrase that holds the excess surprise when that is a small part of the span. A span that repeats an earlier span
 of its response word for word (`Spans.repeat`) adds nothing new, and its tokens are masked (KN + SPAN). Repeats
@@ -409,9 +409,12 @@ def _select_spans(
     n = scores.n_tokens
     token_surprise = surprise(scores.kn)
     span_surprise = spans.mean(token_surprise)
-    fence, median, scale = robust_fence(span_surprise, config.span_fence_k)
-    above_fence = (span_surprise > fence) & ~spans.template
-    spared = _not_above_own_response(above_fence, span_surprise, spans, median, config.span_fence_k * scale)
+    # a copy is the least surprising text there is: counted, repeats would pull the fence and each response's
+    # reference down onto the spans that are only said once
+    judged = np.where(spans.repeat, np.nan, span_surprise)
+    fence, median, scale = robust_fence(judged, config.span_fence_k)
+    above_fence = (judged > fence) & ~spans.template
+    spared = _not_above_own_response(above_fence, judged, spans, median, config.span_fence_k * scale)
     off_task = above_fence & ~spared
     candidate = response & ~protected
     # each span's maskable tokens, as slices of one array sorted by span
@@ -420,7 +423,7 @@ def _select_spans(
     bounds = np.searchsorted(spans.ids[tokens], np.arange(spans.n_spans + 1))
     off_task_bits = np.uint8(REASON_BITS["relevance"] | SPAN_BIT)
     repeat_bits = np.uint8(REASON_BITS["novelty"] | SPAN_BIT)
-    repeated = spans.repeat & ~off_task
+    repeated = spans.repeat
     flagged = np.zeros(n, np.uint8)
     drop = np.zeros(n, np.uint8)
     budget = [math.floor(config.drop_ratio * int(response[part].sum())) for part in scores.example_slices()]
