@@ -274,29 +274,48 @@ def test_a_response_in_a_more_surprising_style_is_not_noise_but_what_stands_out_
     assert "above the fence, like the rest of their response (kept)" in console.export_text()
 
 
-def test_a_long_span_said_again_in_its_response_is_a_repeat(tiny_tokenizer):
+def test_a_run_said_again_right_after_itself_is_a_repeat(tiny_tokenizer):
     first = "She buys 3 red apples at the market.\n"
-    examples = [("Q\n", first + "Then she eats one.\n" + "she buys 3 red apples at the Market!\n" + "Ok, so.\n"
-                 + "Ok, so.\n" + "She buys 4 red apples at the market.\n"),
-                ("Q2\n", first)]
+    examples = [("Q\n", first + "she buys 3 red apples at the Market!\n" + "Then she eats one.\n" + "Ok, so.\n"
+                 + "Ok, so.\n" + "She buys 4 red apples at the market.\n" + first),
+                ("Q2\n", "He runs.\nShe runs fast now.\nHe runs.\nShe runs fast now.\nDone here now.")]
     _, _, _, spans = spans_of(tiny_tokenizer, examples)
     repeats = [text for text, repeat in zip(spans.texts, spans.repeat.tolist(), strict=True) if repeat]
-    # case and punctuation aside; not a short line (`Ok, so.`), not another number, not across responses
-    assert repeats == ["she buys 3 red apples at the Market!\n"]
+    # case and closing punctuation aside; a block of two spans (6 words) said twice; not a short line
+    # (`Ok, so.`), not another number, not the sentence said again later after other text
+    assert repeats == ["she buys 3 red apples at the Market!\n", "He runs.\n", "She runs fast now.\n"]
+    assert not (spans.repeat & spans.template).any()
+
+
+def test_a_repeat_stays_within_one_turn(tiny_tokenizer):
+    """A multi-turn example: the second assistant turn may open with the last sentence of the first."""
+    line = "The total cost is 12 dollars and 40 cents."
+    pieces = [("User: how much?\n", False), (f"First we add.\n{line}", True), ("\nUser: again?\n", False),
+              (f"{line}\nThat is all.", True)]
+    ids, response = [], []
+    for text, trained in pieces:
+        part = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += part
+        response += [trained] * len(part)
+    ids_array = np.asarray(ids, np.int64)
+    spans = find_spans(ids_array, np.array([0, len(ids)]), np.asarray(response, bool), TokenTexts(tiny_tokenizer),
+                       special_token_ids(tiny_tokenizer))
+    assert sum(text.strip() == line for text in spans.texts) == 2
+    assert not spans.repeat.any()
 
 
 def test_spans_mode_masks_a_repeat_and_keeps_its_first_occurrence(tiny_tokenizer):
-    lines = ["She buys 3 red apples at the market.\n", "Then she eats one of them.\n",
-             "She buys 3 red apples at the market.\n", "So she has 2 apples left.\n", "That is the result here."]
+    lines = ["She buys 3 red apples at the market.\n", "She buys 3 red apples at the market.\n",
+             "Then she eats one of them.\n", "So she has 2 apples left.\n", "That is the result here."]
     spans, selection, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5] * 5)
     # uniform surprise: nothing is off-task, the copy is masked as adding no knowledge (KN + span)
     assert selection.thresholds["off_task_spans"] == 0 and selection.thresholds["repeated_spans"] == 1
-    assert (selection.reasons[spans.ids == 2] == 2 | SPAN_BIT).all()
-    assert (selection.reasons[spans.ids != 2] == 0).all()
+    assert (selection.reasons[spans.ids == 1] == 2 | SPAN_BIT).all()
+    assert (selection.reasons[spans.ids != 1] == 0).all()
     # the ceiling holds for repeats too: flagged, not masked
     _, tight, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5] * 5,
                                   drop_ratio=2 / int(response.sum()))
-    assert (tight.reasons == 0).all() and (tight.flagged[spans.ids == 2] == 2 | SPAN_BIT).all()
+    assert (tight.reasons == 0).all() and (tight.flagged[spans.ids == 1] == 2 | SPAN_BIT).all()
 
 
 def test_spans_mode_on_uniform_data_masks_nothing(tiny_tokenizer):
@@ -376,11 +395,11 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     from xtf_plugin.report.summary import summarize, summary_line
     from xtf_plugin.report.terminal import marked_text
 
-    lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "Blue moon singing quietly tonight.\n",
-             "She has 8 apples now.\n", "Then she buys 3 more apples.\n", "So she has more than before.\n",
+    lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "Then she buys 3 more apples.\n",
+             "Blue moon singing quietly tonight.\n", "She has 8 apples now.\n", "So she has more than before.\n",
              "That is the result here."]
     spans, selection, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))],
-                                                 [0.5, 0.6, 0.001, 0.4, 0.5, 0.55, 0.45])
+                                                 [0.5, 0.6, 0.9, 0.001, 0.4, 0.55, 0.45])
     ids, _, offsets = encode(tiny_tokenizer, [("Q\n", "".join(lines))])
     labels = np.where(response, ids, -100)
     n = len(ids)
@@ -392,7 +411,7 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
                                                               "cached_shards": 0},
     )
     summary = {**summarize(scored), "model": str(tiny_model_dir), "data": "hand-made"}
-    assert summary["dropped_spans"]["dropped_spans"] == 2 and summary["dropped_spans"]["repeated_spans"] == 1
+    assert summary["dropped_spans"]["dropped_spans"] == 2 and summary["dropped_spans"]["dropped_repeats"] == 1
     assert summary["dropped_spans"]["most_surprising"] == [
         {"example": 0, "surprise": pytest.approx(6.908, abs=1e-3), "text": "Blue moon singing quietly tonight.\n"}]
     assert "removed 1 off-task and 1 repeated spans of 7 in 1 examples" in summary_line(summary)
@@ -400,13 +419,14 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
 
     loaded = attach_texts(read_output_dir(out))
     marked = marked_text(loaded, 0)
-    assert marked == ("".join(lines[:2]) + "[[Blue moon singing quietly tonight.\n]](TR span)" + lines[3]
-                      + "[[Then she buys 3 more apples.\n]](KN span)" + "".join(lines[5:]) + "<|im_end|>")
+    # two masked spans side by side, each marked with its own reason
+    assert marked == ("".join(lines[:2]) + "[[Then she buys 3 more apples.\n]](KN span)"
+                      + "[[Blue moon singing quietly tonight.\n]](TR span)" + "".join(lines[4:]) + "<|im_end|>")
     write_tokens_jsonl(loaded, tmp_path / "tokens.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "tokens.jsonl").read_text().splitlines()]
-    assert "".join(r["token"] for r in rows if r["span"]) == lines[2] + lines[4]
-    assert "".join(r["token"] for r in rows if r["span"] and r["reasons"] == ["relevance"]) == lines[2]
-    assert "".join(r["token"] for r in rows if r["span"] and r["reasons"] == ["novelty"]) == lines[4]
+    assert "".join(r["token"] for r in rows if r["span"]) == lines[2] + lines[3]
+    assert "".join(r["token"] for r in rows if r["span"] and r["reasons"] == ["relevance"]) == lines[3]
+    assert "".join(r["token"] for r in rows if r["span"] and r["reasons"] == ["novelty"]) == lines[2]
     assert not any(r["kept"] for r in rows if r["span"])
 
     page = write_html(loaded, tmp_path / "report.html").read_text()
@@ -421,8 +441,8 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
                          timeout=60, check=True).stdout
     struck = re.findall(r'<span class="tok drop drop-tr drop-span"[^>]*title="([^"]*)"[^>]*>([^<]*)</span>', dom)
     # the legend's swatch has no title; every token of the masked span is struck through, with its reason
-    assert "".join(text for _, text in struck) == lines[2]
+    assert "".join(text for _, text in struck) == lines[3]
     assert all("dropped: TR (off-task span)" in title for title, _ in struck)
     repeated = re.findall(r'<span class="tok drop drop-kn drop-span"[^>]*title="([^"]*)"[^>]*>([^<]*)</span>', dom)
-    assert "".join(text for _, text in repeated) == lines[4]
+    assert "".join(text for _, text in repeated) == lines[2]
     assert all("dropped: KN (repeats an earlier span)" in title for title, _ in repeated)

@@ -117,8 +117,8 @@ class XTFConfig(_Strict):
     preset: Literal["paper", "spans"] = Field(
         DEFAULT_PRESET,
         description="Named starting point for every other key, applied when the config is built (keys you set "
-        "override it): spans (default) = mask the off-task sentences, lines or phrases of each response, never "
-        "the task's format; paper = the paper's three token tests, OR-ed, with the official caps (the field "
+        "override it): spans (default) = mask the off-task sentences, lines or phrases of each response and its "
+        "repeats, never the task's format; paper = the paper's three token tests, OR-ed, with the official caps (the field "
         "defaults below; also the preset of a config that names mode union or weighted and no preset).",
     )
 
@@ -127,7 +127,7 @@ class XTFConfig(_Strict):
         "union",
         description="union: the paper's per-attribute tests, OR-ed; weighted: drop the lowest drop_ratio "
         "fraction of the weighted, rank-normalised combined score; spans: mask the off-task spans (sentences, "
-        "lines) of each response, and those that repeat an earlier span of it word for word.",
+        "lines) of each response, and the runs of spans it says again right after themselves.",
     )
     weights: AttributeWeights = Field(default_factory=AttributeWeights, description="Attribute weights.")
     drop_ratio: float = Field(
@@ -177,7 +177,7 @@ class XTFConfig(_Strict):
         3.0,
         gt=0,
         description="spans: a span is off-task when its mean surprise (-log p of its word tokens) lies more than "
-        "k robust standard deviations (1.4826 MAD) above the median span of the dataset.",
+        "k robust standard deviations (1.4826 MAD) above the median span of the dataset (repeats aside).",
     )
     protect: list[str] = Field(
         default_factory=list,

@@ -17,8 +17,8 @@ Spans mode: per span (sentence or line, see `spans.py`), the mean surprise `-log
 span that is not a template, lies above the robust fence `median + span_fence_k * scale` of all spans of the
 dataset but the repeats (scale = 1.4826 MAD) and stands more than `span_fence_k * scale` above the least surprising other span
 of its own response is off-task, and its tokens are masked (reason bits TR + SPAN): all of them, or only the
-phrase that holds the excess surprise when that is a small part of the span. A span that repeats an earlier span
-of its response word for word (`Spans.repeat`) adds nothing new, and its tokens are masked (KN + SPAN). Repeats
+phrase that holds the excess surprise when that is a small part of the span. A span of a run said again right
+after itself (`Spans.repeat`: a response that loops) adds nothing new, and its tokens are masked (KN + SPAN). Repeats
 first, then the most surprising spans, up to `floor(drop_ratio * n)` tokens per example.
 Every mode never masks a protected token and never leaves an example without a trainable token.
 """
@@ -43,7 +43,8 @@ FENCE_ITERATIONS = 20
 """Spans mode: at most this many recomputations of the surprise fence over the spans below it."""
 
 SPAN_BIT = 8
-"""Reason bit added to the attribute's bit when a token was masked as part of an off-task span."""
+"""Reason bit added to the attribute's bit when a token was masked with its whole span: with TR, an off-task span;
+with KN, a repeat."""
 
 # All three stored scores lack their attribute at the low end (KN = 1 - p lacks novelty when p is high), so
 # "most lacking" is always "lowest score".

@@ -11,12 +11,14 @@ or from earlier in the response replaced by `_`, case and spacing folded) recurs
 `max(TEMPLATE_MIN_EXAMPLES, TEMPLATE_MIN_SHARE * n_examples)` responses with more than one text: answer lines
 (`The answer is 20.`, `#### 20`, `Answer: Porto; 1971`), equation lines (`30 - 2 = 28.`), sentences that restate
 the question in a fixed wording. Templates carry the task's format and its results, and spans selection never
-masks them. A sentence repeated word for word is
-not a template: it has no slot for the example's content, which is what boilerplate looks like.
+masks them as off-task. A sentence repeated word for word across responses is not a template: it has no slot
+for the example's content, which is what boilerplate looks like. A repeat (below) is never a template.
 
-A span is a *repeat* when it has at least `REPEAT_MIN_WORDS` words and its words are those of an earlier span of
-the same response, word for word (case and punctuation aside): a response that loops says nothing new the
-second time, and its first occurrence stays trained.
+A span is a *repeat* when it belongs to a run of spans said again right after itself, word for word (case,
+spacing and the closing punctuation aside), within one turn of a response: a response that loops (`A. A. A.` or
+`A. B. A. B.`) says nothing new after the first time, which stays trained. The run needs `REPEAT_MIN_WORDS`
+words, and at most `REPEAT_MAX_PERIOD` spans repeat as a block. A sentence said again later, after other text (a
+summary, a corrected version of a code block), is not a repeat.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ TEMPLATE_MIN_EXAMPLES = 3
 TEMPLATE_MIN_SHARE = 0.01
 """A span shape is a template when at least this many responses (and this share of all) contain it."""
 REPEAT_MIN_WORDS = 6
-"""A span needs this many words to be a repeat: short lines (`Step 1:`, `So:`) recur in good answers."""
+"""A repeated run needs this many words: short lines (`Yes.`, `So:`) are said twice in good answers."""
+REPEAT_MAX_PERIOD = 16
+"""The longest block of spans (a paragraph) whose immediate repetition is found."""
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s*$")
 _WORD = re.compile(r"\w")
 _LETTERS = re.compile(r"[^\W\d_]+")
 _WORDS = re.compile(r"\w+")
+_TRAILING = re.compile(r"[\s.!?,;:]+$")
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Spans:
         ids: int64 `[n_tokens]`, span index of each token, -1 for tokens in no span (prompt, special tokens).
         example: int64 `[n_spans]`, the example each span belongs to.
         template: bool `[n_spans]`, the span's shape recurs across responses (never masked as off-task).
-        repeat: bool `[n_spans]`, the span repeats an earlier span of its response word for word.
+        repeat: bool `[n_spans]`, the span is part of a run said again right after itself (never a template).
         content: bool `[n_tokens]`, the token holds a letter or a digit (the tokens a span's score averages).
         texts: `[n_spans]` the text of each span.
     """
@@ -147,8 +152,14 @@ def find_spans(
     prompts = ["".join(token_texts[j] for j in context[context_bounds[e] : context_bounds[e + 1]])
                for e in range(n_examples)]
     shapes = _copy_folded_shapes(span_texts, example, prompts)
-    return Spans(ids.astype(np.int64), example, _templates(shapes, span_texts, example, n_examples),
-                 _repeats(span_texts, example), content, span_texts)
+    # a turn starts where a piece follows a token that is not trained (the prompt, a user turn, EOS); spans never
+    # cross one, since a piece ends where the trained tokens do
+    raw_turn = np.cumsum(~np.r_[False, inside][first] | example_start[first])
+    turn = np.zeros(n_spans, np.int64)
+    turn[joined] = raw_turn
+    repeat = _repeats(span_texts, turn)
+    template = _templates(shapes, span_texts, example, n_examples, ~repeat)
+    return Spans(ids.astype(np.int64), example, template, repeat, content, span_texts)
 
 
 def _copy_folded_shapes(span_texts: list[str], example: np.ndarray, prompts: list[str]) -> list[str]:
@@ -200,33 +211,49 @@ def _join_short(example: np.ndarray, content: np.ndarray, line_end: np.ndarray) 
     return out
 
 
-def _templates(shapes: list[str], span_texts: list[str], example: np.ndarray, n_examples: int) -> np.ndarray:
-    """bool `[n_spans]`: the span's shape occurs in enough responses to be the task's format."""
+def _templates(shapes: list[str], span_texts: list[str], example: np.ndarray, n_examples: int, eligible: np.ndarray
+               ) -> np.ndarray:
+    """bool `[n_spans]`: the `eligible` span's shape occurs in enough responses (among eligible spans) to be the
+    task's format. Repeats are not eligible: every word of one is copied, so the shapes of a dataset's loops
+    would look alike."""
     holders: dict[str, set[int]] = defaultdict(set)
     variants: dict[str, set[str]] = defaultdict(set)
-    for shape, text, e in zip(shapes, span_texts, example.tolist(), strict=True):
+    for shape, text, e, ok in zip(shapes, span_texts, example.tolist(), eligible.tolist(), strict=True):
+        if not ok:
+            continue
         holders[shape].add(e)
         if len(variants[shape]) < 2:
             variants[shape].add(" ".join(text.split()))
     needed = max(TEMPLATE_MIN_EXAMPLES, TEMPLATE_MIN_SHARE * n_examples)
     return np.fromiter(
-        (len(holders[shape]) >= needed and len(variants[shape]) > 1 for shape in shapes), bool, len(shapes)
+        (ok and len(holders[shape]) >= needed and len(variants[shape]) > 1
+         for shape, ok in zip(shapes, eligible.tolist(), strict=True)), bool, len(shapes)
     )
 
 
-def _repeats(span_texts: list[str], example: np.ndarray) -> np.ndarray:
-    """bool `[n_spans]`: the span has `REPEAT_MIN_WORDS` words or more, and an earlier span of its response has
-    the same words in the same order."""
-    out = np.zeros(len(span_texts), bool)
-    seen: set[str] = set()
-    previous = -1
-    for k, (text, e) in enumerate(zip(span_texts, example.tolist(), strict=True)):
-        if e != previous:
-            seen, previous = set(), e
-        words = _WORDS.findall(text.lower())
-        if len(words) < REPEAT_MIN_WORDS:
+def _repeats(span_texts: list[str], turn: np.ndarray) -> np.ndarray:
+    """bool `[n_spans]`: the span is in a run of spans that equal, one for one, the spans `p` places before them
+    in the same turn, for a period `p <= REPEAT_MAX_PERIOD` no longer than the run, and the run has
+    `REPEAT_MIN_WORDS` words or more.
+
+    Args:
+        span_texts: `[n_spans]` the text of each span, in order.
+        turn: int64 `[n_spans]`, a number shared by the spans of one turn of one response (and no others).
+    """
+    n = len(span_texts)
+    out = np.zeros(n, bool)
+    codes: dict[str, int] = {}
+    key = np.fromiter((codes.setdefault(_TRAILING.sub("", " ".join(t.lower().split())), len(codes)) for t in span_texts),
+                      np.int64, n)
+    words_before = np.r_[0, np.cumsum(np.fromiter((len(_WORDS.findall(t)) for t in span_texts), np.int64, n))]
+    for period in range(1, min(REPEAT_MAX_PERIOD, n // 2) + 1):
+        same = np.zeros(n, bool)
+        same[period:] = (key[period:] == key[:-period]) & (turn[period:] == turn[:-period])
+        if not same.any():
             continue
-        key = " ".join(words)
-        out[k] = key in seen
-        seen.add(key)
+        edges = np.diff(np.r_[0, same.astype(np.int8), 0])
+        starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        loops = (stops - starts >= period) & (words_before[stops] - words_before[starts] >= REPEAT_MIN_WORDS)
+        for start, stop in zip(starts[loops].tolist(), stops[loops].tolist(), strict=True):
+            out[start:stop] = True
     return out

@@ -31,7 +31,7 @@ COLORS: dict[str, str] = {"reasoning": "#e45756", "novelty": "#4c78a8", "relevan
 
 SEVERAL_FLAG = 16
 """Bit in an example's reason mask: some token was dropped for two or more reasons (bit 8 there, as in
-`xtf_drop`: some token was masked with its off-task span)."""
+`xtf_drop`: some token was masked with its span)."""
 
 
 def _esc(value: Any) -> str:
@@ -168,9 +168,10 @@ def _thresholds_rows(summary: dict[str, Any], config: dict[str, Any]) -> list[tu
             + (f", {thresholds['spared_spans']:,} above the fence but like the rest of their response (kept)"
                if "spared_spans" in thresholds else "")
             + f", {thresholds['template_spans']:,} templates never masked"
-            + (f"; {thresholds['repeated_spans']:,} spans repeat an earlier span of their response word for word"
-               if "repeated_spans" in thresholds else "")
         ) if fence is not None else "no spread in span surprise: nothing is off-task"))
+        if "repeated_spans" in thresholds:
+            rows.append(("repeats", f"{thresholds['repeated_spans']:,} spans said again right after themselves, "
+                                    "word for word (the first time stays)"))
     if config.get("drop_ratio") is not None:
         rows.append(("drop ratio", _esc(config["drop_ratio"])))
     if config.get("caps") and config.get("mode") == "union":
@@ -266,11 +267,10 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
     spans = summary.get("dropped_spans")
     spans_html = ""
     if spans is not None:
-        repeated = spans.get("repeated_spans", 0)
-        rows.append((f"off-task spans {filtered_verb(summary)}", f"{spans['dropped_spans'] - repeated:,} of {spans['spans']:,} in "
-                     f"{spans['examples_with_a_dropped_span']:,} examples"))
-        if repeated:
-            rows.append((f"repeated spans {filtered_verb(summary)}", f"{repeated:,}"))
+        repeats = spans.get("dropped_repeats", 0)
+        rows.append((f"spans {filtered_verb(summary)}", f"{spans['dropped_spans']:,} of {spans['spans']:,} in "
+                     f"{spans['examples_with_a_dropped_span']:,} examples: {spans['dropped_spans'] - repeats:,} "
+                     f"off-task, {repeats:,} repeats"))
         items = "".join(
             f"<tr><td class='num'>#{item['example']}</td><td class='num'>{item['surprise']:.2f}</td>"
             f"<td><code>{_esc(json.dumps(item['text'], ensure_ascii=False))}</code></td></tr>"

@@ -62,8 +62,9 @@ def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
         "spans": spans.n_spans,
         "template_spans": int(spans.template.sum()),
         "off_task_spans": int(selection.span_off_task.sum()),
+        "repeated_spans": int(spans.repeat.sum()),
         "dropped_spans": int(dropped.size),
-        "repeated_spans": int(repeated.size),
+        "dropped_repeats": int(repeated.size),
         "examples_with_a_dropped_span": int(np.unique(spans.example[dropped]).size),
         "most_surprising": [
             {"example": int(spans.example[i]), "surprise": round(float(selection.span_surprise[i]), 3), "text": spans.texts[i]}
@@ -116,7 +117,7 @@ def filtered_verb(summary: dict[str, Any]) -> str:
 
 def _dropped_spans_phrase(spans: dict[str, Any]) -> str:
     """`3 off-task spans`, or `3 off-task and 2 repeated spans` when some masked span was a repeat."""
-    repeated = spans.get("repeated_spans", 0)
+    repeated = spans.get("dropped_repeats", 0)
     off_task = spans["dropped_spans"] - repeated
     return f"{off_task} off-task and {repeated} repeated spans" if repeated else f"{off_task} off-task spans"
 
@@ -165,8 +166,8 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
         fence = (summary.get("thresholds") or {}).get("span_surprise_fence")
         reasons = [
             (f"  off-task spans {filtered_verb(summary)}",
-             f"{spans['dropped_spans'] - spans.get('repeated_spans', 0):,} of {spans['spans']:,} spans"),
-            (f"  repeated spans {filtered_verb(summary)}", f"{spans.get('repeated_spans', 0):,}"),
+             f"{spans['dropped_spans'] - spans.get('dropped_repeats', 0):,} of {spans['spans']:,} spans"),
+            (f"  repeats {filtered_verb(summary)}", f"{spans.get('dropped_repeats', 0):,}"),
             ("  in examples", f"{spans['examples_with_a_dropped_span']:,}"),
             ("  template spans (never filtered)", f"{spans['template_spans']:,}"),
             ("  surprise fence", "none (no spread)" if fence is None else f"{fence:.2f} nats per token"),
