@@ -424,15 +424,14 @@ def _select_spans(
     bounds = np.searchsorted(spans.ids[tokens], np.arange(spans.n_spans + 1))
     off_task_bits = np.uint8(REASON_BITS["relevance"] | SPAN_BIT)
     repeat_bits = np.uint8(REASON_BITS["novelty"] | SPAN_BIT)
-    repeated = spans.repeat
     flagged = np.zeros(n, np.uint8)
     drop = np.zeros(n, np.uint8)
     budget = [math.floor(config.drop_ratio * int(response[part].sum())) for part in scores.example_slices()]
     chosen = np.flatnonzero(off_task)
     # repeats first, in response order: a copy is certain to add nothing, a surprising span only likely
-    for index in [*np.flatnonzero(repeated).tolist(), *chosen[np.argsort(-span_surprise[chosen], kind="stable")].tolist()]:
+    for index in [*np.flatnonzero(spans.repeat).tolist(), *chosen[np.argsort(-span_surprise[chosen], kind="stable")].tolist()]:
         span_tokens = tokens[bounds[index] : bounds[index + 1]]
-        if repeated[index]:
+        if spans.repeat[index]:
             members, bits = span_tokens, repeat_bits
         else:
             members, bits = _off_task_part(span_tokens, token_surprise, spans.content, fence), off_task_bits
@@ -451,7 +450,7 @@ def _select_spans(
         "spans": spans.n_spans,
         "template_spans": int(spans.template.sum()),
         "off_task_spans": int(off_task.sum()),
-        "repeated_spans": int(repeated.sum()),
+        "repeated_spans": int(spans.repeat.sum()),
         "dropped_spans": int(dropped_spans.size),
         "spared_spans": int(spared.sum()),
     }

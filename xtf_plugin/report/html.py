@@ -16,6 +16,7 @@ import numpy as np
 from xtf_plugin.config import ATTRIBUTE_REGISTRY, ATTRIBUTES, SHORT_NAMES
 from xtf_plugin.report.stats import dropped_fractions, per_example_counts, score_histograms
 from xtf_plugin.report.summary import (
+    dropped_span_counts,
     filtered_verb,
     pairwise_overlaps,
     reason_combinations,
@@ -267,10 +268,9 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
     spans = summary.get("dropped_spans")
     spans_html = ""
     if spans is not None:
-        repeats = spans.get("dropped_repeats", 0)
+        off_task, repeats = dropped_span_counts(spans)
         rows.append((f"spans {filtered_verb(summary)}", f"{spans['dropped_spans']:,} of {spans['spans']:,} in "
-                     f"{spans['examples_with_a_dropped_span']:,} examples: {spans['dropped_spans'] - repeats:,} "
-                     f"off-task, {repeats:,} repeats"))
+                     f"{spans['examples_with_a_dropped_span']:,} examples: {off_task:,} off-task, {repeats:,} repeats"))
         items = "".join(
             f"<tr><td class='num'>#{item['example']}</td><td class='num'>{item['surprise']:.2f}</td>"
             f"<td><code>{_esc(json.dumps(item['text'], ensure_ascii=False))}</code></td></tr>"

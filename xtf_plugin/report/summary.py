@@ -55,8 +55,8 @@ def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
     dropped_tokens = (selection.reasons & SPAN_BIT) > 0
     in_span = dropped_tokens & (spans.ids >= 0)
     dropped = np.unique(spans.ids[in_span])
-    repeated = np.unique(spans.ids[in_span & ((selection.reasons & REASON_BITS["novelty"]) > 0)])
-    off_task = np.setdiff1d(dropped, repeated)
+    repeated = dropped[spans.repeat[dropped]]
+    off_task = dropped[~spans.repeat[dropped]]
     order = off_task[np.argsort(-selection.span_surprise[off_task], kind="stable")][:limit]
     return {
         "spans": spans.n_spans,
@@ -115,10 +115,15 @@ def filtered_verb(summary: dict[str, Any]) -> str:
     return "removed" if summary.get("action") == "remove" else "masked"
 
 
+def dropped_span_counts(spans: dict[str, Any]) -> tuple[int, int]:
+    """(off-task, repeated) spans masked, from a summary's `dropped_spans` (one written before repeats has none)."""
+    repeated = spans.get("dropped_repeats", 0)
+    return spans["dropped_spans"] - repeated, repeated
+
+
 def _dropped_spans_phrase(spans: dict[str, Any]) -> str:
     """`3 off-task spans`, or `3 off-task and 2 repeated spans` when some masked span was a repeat."""
-    repeated = spans.get("dropped_repeats", 0)
-    off_task = spans["dropped_spans"] - repeated
+    off_task, repeated = dropped_span_counts(spans)
     return f"{off_task} off-task and {repeated} repeated spans" if repeated else f"{off_task} off-task spans"
 
 
@@ -165,9 +170,8 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
     else:
         fence = (summary.get("thresholds") or {}).get("span_surprise_fence")
         reasons = [
-            (f"  off-task spans {filtered_verb(summary)}",
-             f"{spans['dropped_spans'] - spans.get('dropped_repeats', 0):,} of {spans['spans']:,} spans"),
-            (f"  repeats {filtered_verb(summary)}", f"{spans.get('dropped_repeats', 0):,}"),
+            (f"  off-task spans {filtered_verb(summary)}", f"{dropped_span_counts(spans)[0]:,} of {spans['spans']:,} spans"),
+            (f"  repeats {filtered_verb(summary)}", f"{dropped_span_counts(spans)[1]:,}"),
             ("  in examples", f"{spans['examples_with_a_dropped_span']:,}"),
             ("  template spans (never filtered)", f"{spans['template_spans']:,}"),
             ("  surprise fence", "none (no spread)" if fence is None else f"{fence:.2f} nats per token"),
