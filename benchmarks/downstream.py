@@ -18,7 +18,8 @@ problems. Every run is one (data, method, seed):
 Every run stores each held-out problem's correctness, so arms are compared with paired tests over problems and
 seeds (`paired.py`: a paired bootstrap over problems and an exact McNemar test). Finished runs are kept in the
 results file and skipped when the same run (same settings) is asked for again, so an interrupted benchmark
-resumes.
+resumes. Several processes may share one results file (say, one per task of runs): each write merges what the
+others wrote since.
 
     python benchmarks/downstream.py                          # the whole matrix (make bench-downstream)
     python benchmarks/downstream.py --runs noisy/xtf:paper --seeds 0 1 2
@@ -29,6 +30,8 @@ resumes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -616,6 +619,29 @@ def gap_recovered(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
             if arm.startswith("noisy/xtf:")}
 
 
+@contextlib.contextmanager
+def results_lock(path: Path) -> Any:
+    """Hold an exclusive lock on the results file's folder while a process reads, merges and replaces the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # closing releases the lock
+
+
+def merge_results(on_disk: dict[str, Any], result: dict[str, Any], mine: dict[str, set[str]]) -> None:
+    """Take into `result` what the results file holds now (`on_disk`), written by another process since this one
+    read it; where both have an entry, the one this process produced itself (keys in `mine["runs"]`,
+    `mine["xtf"]`, `"base"` in `mine["base"]`) wins."""
+    for part in ("runs", "xtf"):
+        ours = {key: result[part][key] for key in mine[part]}
+        result[part] = {**result[part], **on_disk.get(part, {}), **ours}
+    if "base" in on_disk and not mine["base"]:
+        result["base"] = on_disk["base"]
+
+
 def markdown_tables(result: dict[str, Any]) -> str:
     """Accuracy per arm (seeds, mean ± SEM), then every paired comparison."""
     arms = arm_runs(result["runs"])
@@ -839,6 +865,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # seed by seed, so that every comparison has its first paired seed early
     todo = [RunSpec.parse(f"{arm}/{seed}") for seed in args.seeds for arm in arms]
 
+    # what this process produced: on a write it wins over the file, where other processes may have written
+    mine: dict[str, set[str]] = {"runs": set(), "xtf": set(), "base": set()}
+
     def done(spec: RunSpec) -> bool:
         key = fingerprint(run_settings(setup, spec, args.eval_size))
         if result["runs"].get(spec.id, {}).get("settings_key") == key:
@@ -849,42 +878,48 @@ def main(argv: Sequence[str] | None = None) -> None:
             # the same labels as plain SFT: the same run, bit for bit on CPU
             result["runs"][spec.id] = {**plain, "method": spec.method, "settings_key": key,
                                        "same_run_as": f"{spec.data}/sft/{spec.seed}"}
+            mine["runs"].add(spec.id)
             print(f"[{spec.id}] XTF dropped nothing: the run of {spec.data}/sft/{spec.seed}", flush=True)
             return True
         return False
 
     def write() -> None:
-        result["summary"] = {arm: mean_spread([run["accuracy"] for run in by_seed.values()])
-                             for arm, by_seed in arm_runs(result["runs"]).items()}
-        result["comparisons"] = comparisons(result["runs"])
-        result["gap_recovered"] = gap_recovered(result["runs"])
-        document = {
-            "settings": {"model": args.model, "train_size": args.train_size, "eval_size": args.eval_size,
-                         "data_seed": data_seed, "recipe": {"name": args.recipe, **asdict(RECIPES[args.recipe])},
-                         "train": asdict(setup.settings), "lora_targets": "all-linear", "threads_per_process": 1,
-                         "task": setup.task.name, "max_new_tokens": setup.task.max_new_tokens,
-                         "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"})
-                                      for name, config in variants.items()}},
-            **result, "machine": machine(),
-            "example_noisy_response": inject(train_problems[:1], RECIPES[args.recipe], 7, setup.words,
-                                             setup.task)[0].completion,
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_suffix(".tmp")
-        temporary.write_text(json.dumps(document, indent=1) + "\n")
-        temporary.replace(out)
+        with results_lock(out):
+            on_disk = json.loads(out.read_text()) if out.is_file() else {}
+            merge_results(on_disk, result, mine)
+            result["summary"] = {arm: mean_spread([run["accuracy"] for run in by_seed.values()])
+                                 for arm, by_seed in arm_runs(result["runs"]).items()}
+            result["comparisons"] = comparisons(result["runs"])
+            result["gap_recovered"] = gap_recovered(result["runs"])
+            ours = {name: config.model_dump(mode="json", exclude={"cache_dir"}) for name, config in variants.items()}
+            document = {
+                "settings": {"model": args.model, "train_size": args.train_size, "eval_size": args.eval_size,
+                             "data_seed": data_seed, "recipe": {"name": args.recipe, **asdict(RECIPES[args.recipe])},
+                             "train": asdict(setup.settings), "lora_targets": "all-linear", "threads_per_process": 1,
+                             "task": setup.task.name, "max_new_tokens": setup.task.max_new_tokens,
+                             "variants": {**on_disk.get("settings", {}).get("variants", {}), **ours}},
+                **result, "machine": machine(),
+                "example_noisy_response": inject(train_problems[:1], RECIPES[args.recipe], 7, setup.words,
+                                                 setup.task)[0].completion,
+            }
+            temporary = out.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(document, indent=1) + "\n")
+            temporary.replace(out)
 
     def record(spec: RunSpec | None, run: dict[str, Any]) -> None:
         if spec is None:
             result["xtf"].update(run["xtf"])
+            mine["xtf"].update(run["xtf"])
         else:
             run["settings_key"] = fingerprint(run_settings(setup, spec, args.eval_size))
             result["runs"][spec.id] = run
+            mine["runs"].add(spec.id)
         write()
 
     run_workers(args, setup, todo, variants, done, record)
     if not args.no_base and result.get("base", {}).get("eval_size") != args.eval_size:
         result["base"] = {**evaluate_base(setup), "eval_size": args.eval_size}
+        mine["base"].add("base")
         print(f"[base] accuracy {result['base']['accuracy']:.3f}", flush=True)
     write()
     print(markdown_tables(result))
