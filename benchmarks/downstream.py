@@ -6,7 +6,7 @@ fine-tuned with LoRA (TRL's SFTTrainer) and scored by exact match of its greedy 
 problems. Every run is one (data, method, seed):
 
 * data: `clean` (the original responses; the paper's scenario) or `noisy` (off-task text inserted between the
-  reasoning steps of the responses, `--recipe`);
+  reasoning steps of the responses, or the reasoning said again: `--recipe`);
 * method: `sft` (plain SFT), `dft` (TRL `loss_type="dft"`), `eaft` (axolotl's own `use_eaft` loss function,
   `axolotl.monkeypatch.loss.eaft.eaft_loss`, alpha 1, top-20, passed to TRL's SFTTrainer as axolotl's trainer
   builder passes it), `xtf:NAME` (what XTF with preset or variant NAME trains on: the selected tokens set to
@@ -72,14 +72,16 @@ class Recipe:
     """How noise is injected.
 
     Attributes:
-        kind: `salad` (random English words from the tokenizer's vocabulary) or `chatter` (off-task sentences
-            assembled from templates, with a distractor number).
+        kind: `salad` (random English words from the tokenizer's vocabulary), `chatter` (off-task sentences
+            assembled from templates, with a distractor number) or `loop` (the reasoning so far said again, word
+            for word: a looping response).
         share: fraction of the training responses that get noise.
         slots: where insertions go: 0 = before the first step, 1 = between the steps, 2 = before the answer
             line; one insertion per listed slot.
         length: words per `salad` insertion (min, max).
         distractor: `salad` only: put a value of the task's kind in the middle of each insertion (a number
             for arithmetic, where a step copies the previous result; a field value for records).
+        repeats: `loop` only: how many times the lines before the slot are said again (min, max).
     """
 
     kind: str
@@ -87,12 +89,14 @@ class Recipe:
     slots: tuple[int, ...]
     length: tuple[int, int] = (4, 7)
     distractor: bool = False
+    repeats: tuple[int, int] = (1, 2)
 
 
 RECIPES: dict[str, Recipe] = {
     "salad-between": Recipe("salad", 0.9, (1,), (4, 7), distractor=True),
     "chatter-two": Recipe("chatter", 0.9, (1, 2)),
     "salad-two": Recipe("salad", 1.0, (1, 2), (4, 6), distractor=True),
+    "loop": Recipe("loop", 0.9, (2,)),
 }
 DEFAULT_RECIPE = "salad-two"
 
@@ -112,8 +116,12 @@ def salad_words(tokenizer: Any) -> list[str]:
     return sorted(words)
 
 
-def noise_text(recipe: Recipe, rng: random.Random, words: Sequence[str], task: Task) -> str:
-    """One insertion, a full line."""
+def noise_text(recipe: Recipe, rng: random.Random, words: Sequence[str], task: Task, before: Sequence[str]) -> str:
+    """One insertion, whole lines without the last newline; `before` are the response's lines before the slot."""
+    if recipe.kind == "loop":
+        if not before:
+            raise ValueError("a loop needs a line before its slot: slot 0 cannot loop")
+        return "\n".join([*before] * rng.randint(*recipe.repeats))
     if recipe.kind == "chatter":
         return (f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.randint(2, 99)} {rng.choice(_THINGS)} "
                 f"{rng.choice(_PLACES)}.")
@@ -142,7 +150,8 @@ def inject(problems: Sequence[TaskExample], recipe: Recipe | None, seed: int, wo
     for problem in problems:
         lines = problem.lines()
         noisy = recipe is not None and rng.random() < recipe.share
-        inserts = {slot: noise_text(recipe, rng, words, task) for slot in recipe.slots} if noisy and recipe else {}
+        inserts = {slot: noise_text(recipe, rng, words, task, lines[:slot])
+                   for slot in recipe.slots} if noisy and recipe else {}
         text, spans = "", []
         for index, line in enumerate(lines):
             if index in inserts:
