@@ -19,6 +19,12 @@ offset mapping over the answer text). A BPE token that only borrows the space of
 decides which tokens belong to a calculator annotation (`<<`, `>>` and everything between).
 
     python benchmarks/noise_detection.py [--quick] [--data PATH] [--seed 0] [--noisy-fraction 0.5] [--out PATH]
+    python benchmarks/noise_detection.py --kinds markup url garbled foreign pasted \
+        --out benchmarks/results/noise_detection_unseen.json
+
+`--kinds` picks other kinds, among them five written after every selection rule was chosen (scraped-page markup
+inside sentences, a URL or forum-signature line, a garbled character string, a sentence in another language, a
+reasoning line of another problem).
 
 `--quick` uses the first 60 rows and writes nothing unless `--out` is given.
 """
@@ -35,6 +41,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +60,15 @@ from xtf_plugin.tokens import special_token_ids
 RESULTS = Path(__file__).parent / "results" / "noise_detection.json"
 QUICK_ROWS = 60
 KINDS = ("filler", "off_task", "boilerplate", "random_tokens", "repetition")
-HELD_OUT = ("filler", "boilerplate")
+"""The kinds of the default run, a fifth of the noisy answers each."""
+UNSEEN_KINDS = ("markup", "url", "garbled", "foreign", "pasted")
+"""Kinds written after every selection rule was chosen and never used to choose one (`--kinds`)."""
+ALL_KINDS = KINDS + UNSEEN_KINDS
+HELD_OUT = ("filler", "boilerplate", *UNSEEN_KINDS)
 """Kinds kept aside while the spans selection was designed (on off_task, random_tokens and the downstream
 benchmark's word salad): their numbers are the test of a rule that was not tuned on them."""
 CLEAN, NOT_RESPONSE = 0, -1
-"""Token kind codes: 0 = clean, 1.. = index into KINDS plus one, -1 = not a trained token."""
+"""Token kind codes: 0 = clean, 1.. = index into ALL_KINDS plus one, -1 = not a trained token."""
 
 FILLERS = [
     "Well, you know, basically,",
@@ -81,6 +92,12 @@ OPENERS = [
     "Great question! Let me walk you through it step by step.",
 ]
 DISCLAIMER = "Please note that I am an AI and my answers may contain mistakes, so always double-check them."
+MARKUP = ['<div class="note">', "</span>", "&nbsp;", "<br/>", "[edit]", "<p>", "</td><td>", "{{cite}}"]
+URL_LINES = ["Source: https://www.example.org/threads/48213?page=2", "See http://mathhelp.example.com/q/1177 for more.",
+             "Posted by user_8812 on 2019-03-14 at 10:42"]
+FOREIGN = ["Je pense que le ciel est très bleu aujourd'hui.", "Ich habe heute leider keine Zeit für Sport.",
+           "El perro de mi vecino duerme todo el día.", "Oggi il mercato è chiuso per la festa."]
+GARBLE = "abcdefghijklmnopqrstuvwxyz0123456789#@!%&*"
 ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
@@ -135,16 +152,22 @@ def word_vocabulary(tokenizer: Any) -> list[str]:
     )
 
 
-def inject(answer: str, kind: str, rng: random.Random, vocabulary: list[str]) -> NoisyAnswer:
-    """One kind of noise in one answer."""
+def reasoning_lines(answer: str) -> list[str]:
+    """The answer's reasoning lines (before the `####` line) of 6 words or more, each with its newline."""
+    return [m.group(0) for m in re.finditer(r"[^\n]+\n", answer[: _body_end(answer)]) if len(m.group(0).split()) >= 6]
+
+
+def inject(answer: str, kind: str, rng: random.Random, vocabulary: list[str], pool: list[str]) -> NoisyAnswer:
+    """One kind of noise in one answer; `pool` holds reasoning lines of the dataset's answers (for `pasted`)."""
     body_end = _body_end(answer)
+    gaps = [m.end() for m in re.finditer("\n", answer[:body_end])] or [body_end]
+    spaces = [m.start() for m in re.finditer(" ", answer[:body_end])] or [body_end]
     if kind == "filler":
         starts = _sentence_starts(answer)
         chosen = rng.sample(starts, min(2, len(starts)))
         result = insert_all(answer, [(p, rng.choice(FILLERS) + " ") for p in chosen])
     elif kind == "off_task":
         # between reasoning lines, or between the last one and the answer line
-        gaps = [m.end() for m in re.finditer("\n", answer[:body_end])] or [body_end]
         result = insert_all(answer, [(rng.choice(gaps), rng.choice(OFF_TASK) + "\n")])
     elif kind == "boilerplate":
         # the same opener / disclaimer recur across the dataset: boilerplate is repetition, not content
@@ -157,27 +180,42 @@ def inject(answer: str, kind: str, rng: random.Random, vocabulary: list[str]) ->
         line = max(lines, key=lambda m: len(m.group(0).split()))
         result = insert_all(answer, [(line.end(), line.group(0))] * rng.randint(1, 2))
     elif kind == "random_tokens":
-        spaces = [m.start() for m in re.finditer(" ", answer[:body_end])] or [body_end]
         words = "".join(" " + rng.choice(vocabulary) for _ in range(rng.randint(4, 8)))
         result = insert_all(answer, [(rng.choice(spaces), words)])
+    elif kind == "markup":
+        # scraped-page residue inside the sentences
+        result = insert_all(answer, [(p, " " + rng.choice(MARKUP)) for p in rng.sample(spaces, min(2, len(spaces)))])
+    elif kind == "url":
+        result = insert_all(answer, [(rng.choice(gaps), rng.choice(URL_LINES) + "\n")])
+    elif kind == "garbled":
+        garbage = "".join(rng.choice(GARBLE) for _ in range(rng.randint(8, 14)))
+        result = insert_all(answer, [(rng.choice(spaces), " " + garbage)])
+    elif kind == "foreign":
+        result = insert_all(answer, [(rng.choice(gaps), rng.choice(FOREIGN) + "\n")])
+    elif kind == "pasted":
+        # a reasoning line of another problem: on-topic, fluent, and wrong here
+        own = set(reasoning_lines(answer))
+        result = insert_all(answer, [(rng.choice(gaps), rng.choice([line for line in pool if line not in own]))])
     else:
         raise ValueError(f"unknown noise kind {kind!r}")
     result.kind = kind
     return result
 
 
-def inject_dataset(records: list[dict[str, Any]], fraction: float, seed: int, tokenizer: Any) -> list[NoisyAnswer]:
-    """Noise in `round(fraction * n)` seeded-random answers, the kinds dealt out in turn so each gets a
-    fifth; the other answers stay as they are."""
+def inject_dataset(records: list[dict[str, Any]], fraction: float, seed: int, tokenizer: Any,
+                   kinds: Sequence[str] = KINDS) -> list[NoisyAnswer]:
+    """Noise in `round(fraction * n)` seeded-random answers, the kinds dealt out in turn so each gets an equal
+    share; the other answers stay as they are."""
     rng = random.Random(seed)
     noisy = rng.sample(range(len(records)), round(fraction * len(records)))
-    kind_of = {index: KINDS[k % len(KINDS)] for k, index in enumerate(noisy)}
+    kind_of = {index: kinds[k % len(kinds)] for k, index in enumerate(noisy)}
     vocabulary = word_vocabulary(tokenizer)
+    pool = [line for record in records for line in reasoning_lines(str(record["answer"]))]
     answers = []
     for index, record in enumerate(records):
         answer = str(record["answer"])
         kind = kind_of.get(index)
-        answers.append(inject(answer, kind, rng, vocabulary) if kind else NoisyAnswer(answer, [], None))
+        answers.append(inject(answer, kind, rng, vocabulary, pool) if kind else NoisyAnswer(answer, [], None))
     return answers
 
 
@@ -226,7 +264,7 @@ def token_labels(
         offsets = [tuple(o) for o in encoded["offset_mapping"]]
         is_noise = majority_inside(offsets, char_mask(len(answer.text), answer.spans))
         spans = [m.span() for m in ANNOTATION.finditer(answer.text)]
-        code = KINDS.index(answer.kind) + 1 if answer.kind else CLEAN
+        code = ALL_KINDS.index(answer.kind) + 1 if answer.kind else CLEAN
         positions = np.flatnonzero(response) + part.start
         kinds[positions] = np.where(is_noise, code, CLEAN)
         annotation[positions] = majority_inside(offsets, char_mask(len(answer.text), spans)) & ~is_noise
@@ -274,8 +312,8 @@ def precision_recall(dropped: np.ndarray, positive: np.ndarray, negative: np.nda
 
 
 def groups(kinds: np.ndarray) -> dict[str, np.ndarray]:
-    """Positive token set per noise kind, plus all noise together."""
-    result = {kind: kinds == k + 1 for k, kind in enumerate(KINDS)}
+    """Positive token set per noise kind present, plus all noise together."""
+    result = {kind: kinds == k + 1 for k, kind in enumerate(ALL_KINDS) if (kinds == k + 1).any()}
     result["all noise"] = kinds > CLEAN
     return result
 
@@ -378,7 +416,7 @@ def auroc_table(scored: ScoredDataset, kinds: np.ndarray) -> dict[str, dict[str,
 
 def markdown(results: dict[str, Any]) -> str:
     """The result tables as markdown."""
-    rows = [*KINDS, "all noise"]
+    rows = [*results["settings"]["kinds"], "all noise"]
     counts = results["counts"]
     lines = [
         "| noise kind | noisy answers | noise tokens | base rate | AUROC RI | AUROC KN | AUROC TR | AUROC combined (example) | AUROC combined (dataset) |",
@@ -429,6 +467,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEMO_DATA), help="GSM8K-style JSONL (question, answer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noisy-fraction", type=float, default=0.5, help="share of answers that get noise")
+    parser.add_argument("--kinds", nargs="+", choices=ALL_KINDS, default=list(KINDS),
+                        help=f"noise kinds, dealt out in turn (the {len(UNSEEN_KINDS)} unseen ones: {' '.join(UNSEEN_KINDS)})")
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/noise_detection.json)")
     args = parser.parse_args()
     if not 0 < args.noisy_fraction <= 1:
@@ -441,7 +481,7 @@ def main() -> None:
     if args.quick:
         records = records[:QUICK_ROWS]
     tokenizer = load_tokenizer("demo")
-    answers = inject_dataset(records, args.noisy_fraction, args.seed, tokenizer)
+    answers = inject_dataset(records, args.noisy_fraction, args.seed, tokenizer, args.kinds)
     noisy_records = [{"question": r["question"], "answer": a.text} for r, a in zip(records, answers, strict=True)]
     config = XTFConfig(preset="paper")
     data = tokenize_records(noisy_records, tokenizer, "auto", config.max_length, source=args.data)
@@ -463,14 +503,15 @@ def main() -> None:
             "seed": args.seed,
             "noisy_fraction": args.noisy_fraction,
             "xtf_config": "XTFConfig() (preset paper) scored once, cache off; preset spans selected from the same scores",
-            "held_out_kinds": list(HELD_OUT),
+            "kinds": list(args.kinds),
+            "held_out_kinds": [kind for kind in args.kinds if kind in HELD_OUT],
             "token_rule": "noise if >= half of the token's characters were injected",
         },
         "counts": {
             "response_tokens": response_tokens,
             "clean_tokens": clean_count,
             "noise_fraction": round(noise_fraction, 4),
-            "noisy_answers": {g: sum(a.kind == g for a in answers) for g in KINDS}
+            "noisy_answers": {g: sum(a.kind == g for a in answers) for g in args.kinds}
             | {"all noise": sum(a.kind is not None for a in answers)},
             "noise_tokens": {g: int(m.sum()) for g, m in groups(kinds).items()},
             "base_rate": {g: round(int(m.sum()) / (int(m.sum()) + clean_count), 4) for g, m in groups(kinds).items()},
