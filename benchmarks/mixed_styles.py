@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="60 GSM8K answers, up to 60 docstrings; no file")
     parser.add_argument("--out", default=None, help="results JSON (default results/mixed_styles.json)")
     parser.add_argument("--score-cache", default=None, help="score cache folder (default: a temporary one)")
+    parser.add_argument("--span-fence-k", type=float, default=XTFConfig().span_fence_k,
+                        help="the spans preset's span_fence_k (default: the package's)")
     args = parser.parse_args()
     started = time.perf_counter()
     from xtf_plugin.models import load_model, load_tokenizer
@@ -130,7 +132,7 @@ def main() -> None:
     rows = math_rows + docstring_rows(max(counts))
     tokenizer = load_tokenizer("demo")
     with tempfile.TemporaryDirectory(prefix="xtf-mixed-") as temporary:
-        config = XTFConfig(preset="spans", cache_dir=args.score_cache or temporary)
+        config = XTFConfig(preset="spans", span_fence_k=args.span_fence_k, cache_dir=args.score_cache or temporary)
         data = tokenize_records(rows, tokenizer, "auto", config.max_length, source="mixed_styles")
         scored = score_dataset(load_model("demo"), tokenizer, data, config, progress=sys.stderr.isatty())
     texts, specials = TokenTexts(tokenizer), special_token_ids(tokenizer)
@@ -143,7 +145,8 @@ def main() -> None:
          for m in mixtures])
     print(table)
     result = {"machine": machine_info(),
-              "settings": {"model": "demo (SmolLM2-135M-Instruct)", "preset": "spans", "math_examples": n_math,
+              "settings": {"model": "demo (SmolLM2-135M-Instruct)", "preset": "spans",
+                           "span_fence_k": args.span_fence_k, "math_examples": n_math,
                            "doc_counts": counts, "python": sys.version.split()[0]},
               "mixtures": mixtures, "wall_seconds": round(time.perf_counter() - started, 1)}
     out = Path(args.out) if args.out else (None if args.quick else RESULTS / "mixed_styles.json")

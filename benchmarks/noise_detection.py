@@ -380,8 +380,10 @@ def cpu_seconds() -> float:
     return round(usage.ru_utime + usage.ru_stime, 1)
 
 
-def selections(scored: ScoredDataset, noise_fraction: float, tokenizer: Any) -> dict[str, np.ndarray]:
-    """Reason bits per token of each selection compared (all from the same scores: no rescoring)."""
+def selections(scored: ScoredDataset, noise_fraction: float, tokenizer: Any, fence_ks: Sequence[float] = ()
+               ) -> dict[str, np.ndarray]:
+    """Reason bits per token of each selection compared (all from the same scores: no rescoring); the spans
+    preset also at each other `span_fence_k` of `fence_ks`."""
     drop_ratio = round(noise_fraction, 4)
     spans = find_spans(scored.input_ids, scored.offsets, scored.response, scored.texts, special_token_ids(tokenizer))
     result = {
@@ -390,6 +392,10 @@ def selections(scored: ScoredDataset, noise_fraction: float, tokenizer: Any) -> 
         "preset paper (union)": scored.selection.reasons,
         "union tests before caps and ceiling": scored.selection.flagged,
     }
+    for k in fence_ks:
+        config = XTFConfig(preset="spans", span_fence_k=k)
+        result[f"preset spans, span_fence_k={k:g}"] = select_tokens(scored.scores, scored.response, scored.protected,
+                                                                     config, spans).reasons
     for scope in ("example", "dataset"):
         config = XTFConfig(mode="weighted", drop_ratio=drop_ratio, scope=scope)
         name = f"weighted, {scope} scope, drop_ratio={drop_ratio}"
@@ -469,6 +475,9 @@ def main() -> None:
     parser.add_argument("--noisy-fraction", type=float, default=0.5, help="share of answers that get noise")
     parser.add_argument("--kinds", nargs="+", choices=ALL_KINDS, default=list(KINDS),
                         help=f"noise kinds, dealt out in turn (the {len(UNSEEN_KINDS)} unseen ones: {' '.join(UNSEEN_KINDS)})")
+    parser.add_argument("--span-fence-k", type=float, nargs="+", default=[], metavar="K",
+                        help="also select with the spans preset at these span_fence_k (the default is "
+                        f"{XTFConfig().span_fence_k:g})")
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/noise_detection.json)")
     args = parser.parse_args()
     if not 0 < args.noisy_fraction <= 1:
@@ -491,7 +500,7 @@ def main() -> None:
 
     response_tokens = int(scored.response.sum())
     noise_fraction = float((kinds > CLEAN).sum() / response_tokens)
-    chosen = selections(scored, noise_fraction, tokenizer)
+    chosen = selections(scored, noise_fraction, tokenizer, args.span_fence_k)
     clean_count = int((kinds == CLEAN).sum())
     results: dict[str, Any] = {
         "machine": machine,
