@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -629,7 +629,7 @@ def gap_recovered(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def results_lock(path: Path) -> Any:
+def results_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on the results file's folder while a process reads, merges and replaces the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(path.parent, os.O_RDONLY)
