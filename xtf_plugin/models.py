@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,19 +15,24 @@ from xtf_plugin.errors import XTFError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Importing peft imports torchao when it is installed, which logs a warning per CUDA kernel library it cannot
-# load and makes torch log a deprecation per Enum it registers: nothing a user of XTF can act on.
-_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+# load and makes torch log a deprecation per Enum it registers; it also imports bitsandbytes, whose CPU backend
+# on a CPU with AVX512-BF16 fetches a kernel from the hub at import and, offline, warns twice that it falls
+# back to its own. Nothing a user of XTF can act on, and it would bury XTF's one-line errors.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
 
 @contextlib.contextmanager
 def import_noise_silenced() -> Iterator[None]:
-    """Those loggers at ERROR while the block runs (the imports that emit them), as they were afterwards."""
+    """Those loggers at ERROR and bitsandbytes' import warnings off while the block runs (the imports that emit
+    them), as they were afterwards."""
     loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"bitsandbytes(\.|$)")
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
