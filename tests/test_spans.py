@@ -312,10 +312,29 @@ def test_spans_mode_masks_a_repeat_and_keeps_its_first_occurrence(tiny_tokenizer
     assert selection.thresholds["off_task_spans"] == 0 and selection.thresholds["repeated_spans"] == 1
     assert (selection.reasons[spans.ids == 1] == 2 | SPAN_BIT).all()
     assert (selection.reasons[spans.ids != 1] == 0).all()
-    # the ceiling holds for repeats too: flagged, not masked
+    # a copy is outside the ceiling: masked even where the ceiling leaves room for two tokens
     _, tight, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], [0.5] * 5,
                                   drop_ratio=2 / int(response.sum()))
-    assert (tight.reasons == 0).all() and (tight.flagged[spans.ids == 1] == 2 | SPAN_BIT).all()
+    assert (tight.reasons == selection.reasons).all()
+
+
+def test_spans_mode_counts_the_ceiling_on_what_the_response_says_once(tiny_tokenizer):
+    loop = "She buys 3 red apples at the market.\n"
+    lines = [loop, loop, loop, "Blue moon singing quietly tonight.\n", "So she has 2 apples left.\n",
+             "That is the result here."]
+    ps = [0.5, 0.5, 0.5, 0.0001, 0.45, 0.55]
+    spans, selection, response = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], ps)
+    copies, off = (spans.ids == 1) | (spans.ids == 2), spans.ids == 3
+    assert (selection.reasons[copies] == 2 | SPAN_BIT).all() and (selection.reasons[off] == 4 | SPAN_BIT).all()
+    said_once = int(response.sum()) - int(copies.sum())
+    n_off = int(off.sum())
+    # the off-task line fits a ceiling counted on the tokens left after the copies, not one counted on all tokens
+    room = (n_off + 0.5) / said_once
+    _, fits, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], ps, drop_ratio=room)
+    assert (fits.reasons == selection.reasons).all()
+    _, short, _ = spans_selection(tiny_tokenizer, [("Q\n", "".join(lines))], ps, drop_ratio=(n_off - 0.5) / said_once)
+    assert (short.reasons[off] == 0).all() and (short.flagged[off] == 4 | SPAN_BIT).all()
+    assert (short.reasons[copies] == 2 | SPAN_BIT).all()
 
 
 def test_spans_mode_on_uniform_data_masks_nothing(tiny_tokenizer):

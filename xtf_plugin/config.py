@@ -134,8 +134,9 @@ class XTFConfig(_Strict):
         0.2,
         ge=0,
         lt=1,
-        description="union, spans: ceiling on the fraction of an example's response tokens that may be masked "
-        "(0.2; the spans preset: 0.5); weighted: the fraction masked.",
+        description="union: ceiling on the fraction of an example's response tokens that may be masked (0.2); "
+        "spans: the same for off-task spans (the spans preset: 0.5), counted on the tokens left after the "
+        "response's repeats, which are always masked; weighted: the fraction masked.",
     )
     scope: Literal["example", "dataset"] = Field(
         "example", description="weighted mode: rank and drop per example or across the whole dataset."

@@ -18,8 +18,9 @@ span that is not a template, lies above the robust fence `median + span_fence_k 
 dataset but the repeats (scale = 1.4826 MAD) and stands more than `span_fence_k * scale` above the least surprising other span
 of its own response is off-task, and its tokens are masked (reason bits TR + SPAN): all of them, or only the
 phrase that holds the excess surprise when that is a small part of the span. A span of a run said again right
-after itself (`Spans.repeat`: a response that loops) adds nothing new, and its tokens are masked (KN + SPAN). Repeats
-first, then the most surprising spans, up to `floor(drop_ratio * n)` tokens per example.
+after itself (`Spans.repeat`: a response that loops) adds nothing new, and its tokens are all masked (KN + SPAN);
+then the most surprising off-task spans, up to `floor(drop_ratio * n)` tokens per example, where n counts the
+response tokens left after its repeats.
 Every mode never masks a protected token and never leaves an example without a trainable token.
 """
 
@@ -426,19 +427,20 @@ def _select_spans(
     repeat_bits = np.uint8(REASON_BITS["novelty"] | SPAN_BIT)
     flagged = np.zeros(n, np.uint8)
     drop = np.zeros(n, np.uint8)
-    budget = [math.floor(config.drop_ratio * int(response[part].sum())) for part in scores.example_slices()]
+    # a copy is certain to add nothing, so repeats are masked whole and outside the ceiling, which bounds what an
+    # uncertain test may take: it applies to what the response says once (a response looped twice is over half
+    # copies, and a ceiling counted on all its tokens would keep some of them)
+    repeated = tokens[spans.repeat[spans.ids[tokens]]]
+    flagged[repeated] = drop[repeated] = repeat_bits
+    budget = [math.floor(config.drop_ratio * int((response[part] & (drop[part] == 0)).sum()))
+              for part in scores.example_slices()]
     chosen = np.flatnonzero(off_task)
-    # repeats first, in response order: a copy is certain to add nothing, a surprising span only likely
-    for index in [*np.flatnonzero(spans.repeat).tolist(), *chosen[np.argsort(-span_surprise[chosen], kind="stable")].tolist()]:
-        span_tokens = tokens[bounds[index] : bounds[index + 1]]
-        if spans.repeat[index]:
-            members, bits = span_tokens, repeat_bits
-        else:
-            members, bits = _off_task_part(span_tokens, token_surprise, spans.content, fence), off_task_bits
-        flagged[members] = bits
+    for index in chosen[np.argsort(-span_surprise[chosen], kind="stable")].tolist():
+        members = _off_task_part(tokens[bounds[index] : bounds[index + 1]], token_surprise, spans.content, fence)
+        flagged[members] = off_task_bits
         e = int(spans.example[index])
         if 0 < members.size <= budget[e]:
-            drop[members] = bits
+            drop[members] = off_task_bits
             budget[e] -= members.size
     dropped_spans = np.unique(spans.ids[(drop > 0) & (spans.ids >= 0)])
     thresholds = {
