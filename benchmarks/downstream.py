@@ -493,13 +493,16 @@ HELD_OUT_RECIPES = ("chatter-two",)
 them."""
 
 
-def detection(setup: Setup, variants: dict[str, XTFConfig], cache_dir: str | None) -> dict[str, Any]:
-    """What each preset / variant drops on the clean training set and on every recipe's noisy one, against the
-    injected noise, without training: the check that a selection sees a recipe's noise and leaves clean data
-    alone."""
+def detection(setup: Setup, variants: dict[str, XTFConfig], cache_dir: str | None,
+              sets: Sequence[str] | None = None) -> dict[str, Any]:
+    """What each preset / variant drops on the clean training set and on every recipe's noisy one (or only on
+    `sets`, names of `clean` and recipes), against the injected noise, without training: the check that a
+    selection sees a recipe's noise and leaves clean data alone."""
     base = load_base(setup.model_path).eval()
     out: dict[str, Any] = {}
     for recipe in (None, *sorted(RECIPES)):
+        if sets is not None and (recipe or "clean") not in sets:
+            continue
         tokens, noise = tokenize(inject(setup.train_problems, RECIPES[recipe] if recipe else None,
                                         setup.data_seed + 1, setup.words, setup.task), setup.tokenizer)
         name = recipe or "clean"
@@ -809,6 +812,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--detect", action="store_true",
                         help="instead of training: what each preset / --variant drops on the clean set and on every "
                         "recipe's noisy set (results/downstream_detection.json)")
+    parser.add_argument("--detect-sets", nargs="+", choices=["clean", *sorted(RECIPES)], default=None, metavar="SET",
+                        help="--detect only on these sets (clean, recipe names); the other rows of the results file "
+                        "are kept, which needs its settings to be this run's")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each process")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, each in a process of its own")
@@ -859,11 +865,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.score_cache = str(XTFConfig().resolved_cache_dir())
     if args.detect:
         target = out if args.out != results_path(task) else Path(results_path(task, "detection"))
-        document = {"settings": {"model": args.model, "train_size": args.train_size, "data_seed": data_seed,
-                                 "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
-                                 "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"})
-                                              for name, config in variants.items()}},
-                    "detection": detection(setup, variants, args.score_cache), "machine": machine()}
+        settings = {"model": args.model, "train_size": args.train_size, "data_seed": data_seed,
+                    "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
+                    "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"})
+                                 for name, config in variants.items()}}
+        kept: dict[str, Any] = {}
+        if args.detect_sets is not None:
+            previous = json.loads(target.read_text()) if target.is_file() else {}
+            if previous.get("settings") != settings:
+                raise SystemExit(f"--detect-sets: {target} was made with other settings (or is missing); "
+                                 "run --detect on every set")
+            kept = previous["detection"]
+        found = detection(setup, variants, args.score_cache, args.detect_sets)
+        document = {"settings": settings, "detection": {**kept, **found}, "machine": machine()}
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(document, indent=1) + "\n")
         print(f"wrote {target} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
