@@ -865,10 +865,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.score_cache = str(XTFConfig().resolved_cache_dir())
     if args.detect:
         target = out if args.out != results_path(task) else Path(results_path(task, "detection"))
-        settings = {"model": args.model, "train_size": args.train_size, "data_seed": data_seed,
-                    "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
-                    "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"})
-                                 for name, config in variants.items()}}
+        # as JSON reads back (tuples as lists), to compare with a file's
+        settings = json.loads(json.dumps({
+            "model": args.model, "train_size": args.train_size, "data_seed": data_seed,
+            "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
+            "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"}) for name, config in variants.items()}}))
         kept: dict[str, Any] = {}
         if args.detect_sets is not None:
             previous = json.loads(target.read_text()) if target.is_file() else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -60,3 +61,35 @@ def test_two_processes_writing_one_results_file_lose_no_run(tmp_path):
     assert [writer.wait(timeout=300) for writer in writers] == [0, 0]
     runs = json.loads(out.read_text())["runs"]
     assert sorted(runs) == sorted(f"{name}/{k}" for name in ("a", "b") for k in range(40))
+
+
+def detect(model: Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCHMARKS / "downstream.py"), "--quick", "--detect", "--model", str(model),
+                           "--out", str(out), "--score-cache", str(cache), *extra],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+
+
+def without_timings(row: dict) -> dict:
+    return {variant: {k: v for k, v in report.items() if k != "scoring_seconds"} if isinstance(report, dict) else report
+            for variant, report in row.items()}
+
+
+def test_detect_sets_redoes_the_rows_it_names_and_keeps_the_others(tiny_model_dir, tmp_path):
+    out, cache = tmp_path / "detection.json", tmp_path / "cache"
+    assert detect(tiny_model_dir, out, cache).returncode == 0
+    first = json.loads(out.read_text())
+    assert {"clean", "loop"} <= set(first["detection"])
+    marked = json.loads(out.read_text())
+    for name in ("clean", "loop"):
+        marked["detection"][name]["spans"]["dropped_tokens"] = -1  # what a rerun of the row would overwrite
+    out.write_text(json.dumps(marked))
+    result = detect(tiny_model_dir, out, cache, "--detect-sets", "loop")
+    assert result.returncode == 0, result.stderr
+    second = json.loads(out.read_text())
+    assert second["detection"]["clean"]["spans"]["dropped_tokens"] == -1
+    assert without_timings(second["detection"]["loop"]) == without_timings(first["detection"]["loop"])
+    assert set(second["detection"]) == set(first["detection"])
+    # rows of other settings are not mixed into one file
+    other = detect(tiny_model_dir, out, cache, "--detect-sets", "loop", "--variant", 'k2={"span_fence_k": 2}')
+    assert other.returncode != 0 and "other settings" in other.stderr
+    assert json.loads(out.read_text()) == second
