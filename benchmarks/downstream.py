@@ -830,6 +830,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.seeds, args.train_size, args.eval_size = args.seeds[:1], 24, 16
         if args.out is None:
             args.out = str(Path(tempfile.mkdtemp(prefix="xtf-downstream-quick-")) / "downstream.json")
+    if args.detect_sets is not None and not args.detect:
+        parser.error("--detect-sets needs --detect")
     args.out = args.out or results_path(TASKS[args.task])
     return args
 
@@ -867,13 +869,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         target = out if args.out != results_path(task) else Path(results_path(task, "detection"))
         # as JSON reads back (tuples as lists), to compare with a file's
         settings = json.loads(json.dumps({
-            "model": args.model, "train_size": args.train_size, "data_seed": data_seed,
+            "task": args.task, "model": args.model, "train_size": args.train_size, "data_seed": data_seed,
             "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
             "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"}) for name, config in variants.items()}}))
         kept: dict[str, Any] = {}
         if args.detect_sets is not None:
             previous = json.loads(target.read_text()) if target.is_file() else {}
-            if previous.get("settings") != settings:
+            stored = previous.get("settings", {})
+            # a file written before the task was recorded in it is compared without it
+            if stored.get("task", args.task) != args.task or \
+                    {k: v for k, v in stored.items() if k != "task"} != {k: v for k, v in settings.items() if k != "task"}:
                 raise SystemExit(f"--detect-sets: {target} was made with other settings (or is missing); "
                                  "run --detect on every set")
             kept = previous["detection"]

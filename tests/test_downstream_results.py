@@ -92,4 +92,6 @@ def test_detect_sets_redoes_the_rows_it_names_and_keeps_the_others(tiny_model_di
     # rows of other settings are not mixed into one file
     other = detect(tiny_model_dir, out, cache, "--detect-sets", "loop", "--variant", 'k2={"span_fence_k": 2}')
     assert other.returncode != 0 and "other settings" in other.stderr
+    task = detect(tiny_model_dir, out, cache, "--detect-sets", "loop", "--task", "records")
+    assert task.returncode != 0 and "other settings" in task.stderr
     assert json.loads(out.read_text()) == second

@@ -23,16 +23,18 @@ _IMPORT_NOISE = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
 @contextlib.contextmanager
 def import_noise_silenced() -> Iterator[None]:
-    """Those loggers at ERROR and bitsandbytes' import warnings off while the block runs (the imports that emit
-    them), as they were afterwards."""
+    """Those loggers at ERROR while the block runs (the imports that emit them), as they were afterwards; the
+    offline trust-check warning of the bitsandbytes kernel fetch off for good (it has no other source)."""
+    # for the process, not the block: warnings.catch_warnings would also drop the filters the imported libraries
+    # install for themselves (accelerate's, torchao's)
+    warnings.filterwarnings("ignore", message=r"Skipping publisher trust check for 'kernels-community/",
+                            category=UserWarning)
     loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"bitsandbytes(\.|$)")
-            yield
+        yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
