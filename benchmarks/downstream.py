@@ -501,11 +501,11 @@ def detection(setup: Setup, variants: dict[str, XTFConfig], cache_dir: str | Non
     base = load_base(setup.model_path).eval()
     out: dict[str, Any] = {}
     for recipe in (None, *sorted(RECIPES)):
-        if sets is not None and (recipe or "clean") not in sets:
+        name = recipe or "clean"
+        if sets is not None and name not in sets:
             continue
         tokens, noise = tokenize(inject(setup.train_problems, RECIPES[recipe] if recipe else None,
                                         setup.data_seed + 1, setup.words, setup.task), setup.tokenizer)
-        name = recipe or "clean"
         out[name] = {"held_out": name in HELD_OUT_RECIPES}
         for variant, config in variants.items():
             report = xtf_report(score_xtf(base, setup.tokenizer, tokens, config, cache_dir), noise, setup.tokenizer)
@@ -875,10 +875,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         kept: dict[str, Any] = {}
         if args.detect_sets is not None:
             previous = json.loads(target.read_text()) if target.is_file() else {}
-            stored = previous.get("settings", {})
-            # a file written before the task was recorded in it is compared without it
-            if stored.get("task", args.task) != args.task or \
-                    {k: v for k, v in stored.items() if k != "task"} != {k: v for k, v in settings.items() if k != "task"}:
+            # a file written before the task was recorded in it is of this task
+            if {"task": args.task, **previous.get("settings", {})} != settings:
                 raise SystemExit(f"--detect-sets: {target} was made with other settings (or is missing); "
                                  "run --detect on every set")
             kept = previous["detection"]

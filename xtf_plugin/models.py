@@ -19,16 +19,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # on a CPU with AVX512-BF16 fetches a kernel from the hub at import and, offline, warns twice that it falls
 # back to its own. Nothing a user of XTF can act on, and it would bury XTF's one-line errors.
 _IMPORT_NOISE = ("torchao", "torch.utils._pytree", "bitsandbytes")
+# A warning, not a log line, and a filter for the process: warnings.catch_warnings around the imports would also
+# drop the filters the imported libraries install for themselves (accelerate's, torchao's).
+warnings.filterwarnings("ignore", message=r"Skipping publisher trust check for 'kernels-community/", category=UserWarning)
 
 
 @contextlib.contextmanager
 def import_noise_silenced() -> Iterator[None]:
-    """Those loggers at ERROR while the block runs (the imports that emit them), as they were afterwards; the
-    offline trust-check warning of the bitsandbytes kernel fetch off for good (it has no other source)."""
-    # for the process, not the block: warnings.catch_warnings would also drop the filters the imported libraries
-    # install for themselves (accelerate's, torchao's)
-    warnings.filterwarnings("ignore", message=r"Skipping publisher trust check for 'kernels-community/",
-                            category=UserWarning)
+    """Those loggers at ERROR while the block runs (the imports that emit them), as they were afterwards."""
     loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
