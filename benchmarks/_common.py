@@ -66,6 +66,80 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# --- models -------------------------------------------------------------------------------------------
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Llama-3.2-1B and Llama-3.1-8B (layer counts as published; vocabulary 128,256)
+    "1B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256},
+    "8B": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 512},
+}
+
+
+def random_model(shape: str, dtype: Any, device: str, attention: str, layers: int | None = None,
+                 vocab: int | None = None) -> Any:
+    """A random-initialised Llama of one of `SHAPES` (seed 0), in eval mode; `layers` keeps fewer decoder layers
+    (each layer has the full shape, so a layer's cost is the real model's), `vocab` sets another vocabulary size.
+    Random weights: for timing only."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dims = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}), **({"vocab_size": vocab} if vocab else {})}
+    config = LlamaConfig(**dims, max_position_embeddings=32768, attn_implementation=attention)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+FLOOR_BATCH_TOKENS = 2048
+"""The floor's batches: length-sorted, at most this many tokens with their padding (a longer example alone)."""
+
+
+def floor_forward(model: Any, input_ids: list[np.ndarray], labels: list[np.ndarray],
+                  batch_tokens: int = FLOOR_BATCH_TOKENS) -> int:
+    """The least any KN scorer must do, as the benchmarks' floor: the decoder forward (no mask when a batch has no
+    padding), then the LM head and a float32 log-probability (gather minus logsumexp) only at the positions that
+    predict a response token. Returns the number of forward passes.
+
+    Args:
+        input_ids: one int64 array `[L_i]` per example.
+        labels: one int64 array `[L_i]` per example, -100 where the token is not trained.
+    """
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    order = sorted(range(len(input_ids)), key=lambda i: (-len(input_ids[i]), i))
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * len(input_ids[batches[-1][0]]) <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    with torch.no_grad():
+        for batch in batches:
+            length = len(input_ids[batch[0]])
+            ids = torch.zeros(len(batch), length, dtype=torch.long)
+            target = torch.full((len(batch), length), -100, dtype=torch.long)
+            mask = torch.zeros(len(batch), length, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(input_ids[i])] = torch.as_tensor(input_ids[i])
+                target[row, : len(labels[i])] = torch.as_tensor(labels[i])
+                mask[row, : len(input_ids[i])] = 1
+            if bool(mask.all()):
+                mask = None
+            hidden = decoder(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
+                             use_cache=False).last_hidden_state
+            where = (target[:, 1:] != -100).to(device)
+            logits = head(hidden[:, :-1][where]).float()
+            _ = logits.gather(1, ids[:, 1:].to(device)[where][:, None])[:, 0] - logits.logsumexp(-1)
+    return len(batches)
+
+
 # --- data ---------------------------------------------------------------------------------------------
 
 
@@ -90,14 +164,21 @@ def synthetic_examples(tokenizer: Any, n: int, length: int, offset: int = 0) -> 
     """`n` examples of exactly `length` tokens of real GSM8K text (consecutive windows of the repeated sample,
     starting `offset` windows in); the second half of each is the response (labels), the first half the prompt
     (-100)."""
-    stream = gsm8k_token_stream(tokenizer, (offset + n) * length)
+    return examples_of_lengths(tokenizer, [length] * n, start=offset * length)
+
+
+def examples_of_lengths(tokenizer: Any, lengths: Sequence[int], start: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One example per entry of `lengths`, of exactly that many tokens: consecutive windows of the repeated GSM8K
+    sample from token `start` on, the second half of each the response, the first half the prompt (-100)."""
+    stream = gsm8k_token_stream(tokenizer, start + sum(lengths))
     ids, labels = [], []
-    for index in range(offset, offset + n):
-        window = np.asarray(stream[index * length : (index + 1) * length], dtype=np.int64)
+    for length in lengths:
+        window = np.asarray(stream[start : start + length], dtype=np.int64)
         lab = window.copy()
         lab[: length // 2] = -100
         ids.append(window)
         labels.append(lab)
+        start += length
     return ids, labels
 
 
@@ -172,12 +253,34 @@ class MemoryProbe:
 # --- child processes ----------------------------------------------------------------------------------
 
 
+_MEASURE = r"""
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+seconds = time.perf_counter() - started
+if done.returncode:
+    sys.exit(f"{sys.argv[1:]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+print(json.dumps({"seconds": seconds, "peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+"""Runs argv[1:] and prints its wall seconds and peak RSS (the largest of its process tree)."""
+
+
+def measure_process(command: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Wall seconds and peak MiB of `command` in a fresh process tree (started by a small wrapper process)."""
+    done = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, env=env,
+                          cwd=ROOT, check=False)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command[:4])} ...: {done.stderr.strip()[-3000:]}")
+    result = json.loads(done.stdout)
+    return {"seconds": round(result["seconds"], 2), "peak_mib": round(result["peak_kib"] / 1024, 1)}
+
+
 def emit(result: dict[str, Any]) -> None:
     """Child side: hand a JSON result to the parent."""
     print(_MARK + json.dumps(result), flush=True)
 
 
-def _child_env(spec: dict[str, Any]) -> dict[str, str]:
+def child_env(spec: dict[str, Any]) -> dict[str, str]:
     """Offline, quiet, this checkout first on the path; `spec["threads"]` (when > 0) sets OMP_NUM_THREADS."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
     if spec.get("threads", 0) > 0:
@@ -192,7 +295,7 @@ def run_child(script: Path, spec: dict[str, Any], timeout: float | None = None) 
         [sys.executable, str(script), "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
-        env=_child_env(spec),
+        env=child_env(spec),
         timeout=timeout,
         check=False,
     )
@@ -223,7 +326,7 @@ class Worker:
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker; closed in close())
         self._process = subprocess.Popen(
             [sys.executable, str(script), "--child", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=_child_env(spec),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=child_env(spec),
         )
 
     def _result(self) -> dict[str, Any]:

@@ -38,30 +38,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info  # noqa: E402
+from _common import SHAPES, floor_forward, machine_info, random_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
-
-SHAPES: dict[str, dict[str, Any]] = {
-    # Llama-3.2-1B and Llama-3.1-8B (layer counts as published; vocabulary 128,256)
-    "1B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "vocab_size": 128256},
-    "8B": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "vocab_size": 128256},
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 512},
-}
-
-
-def random_model(shape: str, dtype: torch.dtype, device: str, attention: str) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=32768, attn_implementation=attention)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    return model.eval()
-
 
 def examples(vocab: int, n: int, length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`n` random examples of `length` tokens; the second half is the response."""
@@ -73,19 +52,6 @@ def examples(vocab: int, n: int, length: int) -> tuple[list[np.ndarray], list[np
         lab[: length // 2] = -100
         labels.append(lab)
     return ids, labels
-
-
-def floor(model: Any, ids: list[np.ndarray], labels: list[np.ndarray], batch_size: int) -> None:
-    """The least a KN scorer must do: decoder forward, LM head and float32 log p only at response positions."""
-    device = model.get_input_embeddings().weight.device
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            batch = torch.as_tensor(np.stack(ids[start : start + batch_size]), device=device)
-            target = torch.as_tensor(np.stack(labels[start : start + batch_size]), device=device)
-            hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
-            where = target[:, 1:] != -100
-            logits = model.lm_head(hidden[:, :-1][where]).float()
-            _ = logits.gather(1, target[:, 1:][where][:, None]) - logits.logsumexp(-1, keepdim=True)
 
 
 def timed(device: str, work: Callable[[], Any]) -> tuple[float, int]:
@@ -123,9 +89,9 @@ def check_scoring(device: str, quick: bool) -> dict[str, Any]:
             for length in lengths:
                 n = max(1, 16384 // length) if not quick else 4
                 ids, labels = examples(SHAPES[shape]["vocab_size"], n, length)
-                config = XTFConfig(batch_size=max(1, 2048 // length) if not quick else 2)
-                floor(model, ids[:1], labels[:1], 1)  # warm-up
-                floor_s, floor_mem = timed(device, partial(floor, model, ids, labels, config.batch_size))
+                config = XTFConfig(batch_size=max(1, 2048 // length))  # the floor's batches of 2,048 tokens
+                floor_forward(model, ids[:1], labels[:1])  # warm-up
+                floor_s, floor_mem = timed(device, partial(floor_forward, model, ids, labels))
                 with torch.no_grad():
                     xtf_s, xtf_mem = timed(device, partial(score_forward, model, ids, labels, config, progress=False))
                     scores = score_forward(model, ids, labels, config, progress=False)

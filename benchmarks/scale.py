@@ -1,13 +1,14 @@
 """Scale: whole-process time and peak memory at 10k, 40k and 160k examples.
 
 The tests' tiny model and tokenizer (a random 2-layer Llama, hidden 32, and a 400-token BPE trained on the
-bundled sample) score generated GSM8K-style examples, so the pipeline around the model dominates: reading and
+bundled sample) score generated GSM8K-style examples, so the pipeline around the model weighs: reading and
 tokenising, the score cache, the selection, the parquet writer, the report. Each arm is a process of its own,
 started by a small wrapper that reports its wall time and peak RSS (`getrusage` of its children):
 
 * `score`: `xtf score` into an empty cache;
 * `rescore`: the same data with a selection setting changed (`--set drop_ratio=0.3`): every score from the cache;
-* `report`: `xtf report --html`, and `browser`: the page opened in headless Chromium (`--dump-dom`);
+* `report`: `xtf report --html`, and `browser`: the page opened and painted in headless Chromium, less the
+  browser's own start on an empty page;
 * `axolotl`: `axolotl preprocess` with an `xtf:` block (axolotl's `load_datasets` path), when axolotl imports,
   up to `--axolotl-max` examples (axolotl's own tokenising, one process, takes most of that arm's time);
 * `loaded`: a process that imports xtf_plugin and loads the model, nothing else: memory "above the loaded
@@ -32,24 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import RESULTS, ROOT, machine_info, markdown_table, write_json
+from _common import RESULTS, ROOT, machine_info, markdown_table, measure_process, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import build_model, build_tokenizer, gsm8k_rows  # noqa: E402  (the tests' tiny model)
 
 SIZES = (10_000, 40_000, 160_000)
 QUICK_SIZES = (1_000, 4_000)
-
-MEASURE = r"""
-import json, resource, subprocess, sys, time
-started = time.perf_counter()
-done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-seconds = time.perf_counter() - started
-if done.returncode:
-    sys.exit(f"{sys.argv[1:]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-print(json.dumps({"seconds": seconds, "peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-"""
-"""Runs argv[1:] and prints its wall seconds and peak RSS (the largest of its process tree)."""
 
 LOAD_ONLY = """
 import sys
@@ -63,16 +53,6 @@ def environment(cache: Path) -> dict[str, str]:
     return {**os.environ, "XTF_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "AXOLOTL_DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Wall seconds and peak MiB of `command` in a fresh process tree."""
-    done = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, env=env,
-                          cwd=ROOT, check=False)
-    if done.returncode:
-        raise SystemExit(f"scale: {' '.join(command[:4])} ...: {done.stderr.strip()[-3000:]}")
-    result = json.loads(done.stdout)
-    return {"seconds": round(result["seconds"], 2), "peak_mib": round(result["peak_kib"] / 1024, 1)}
 
 
 def write_rows(path: Path, n: int) -> None:
@@ -101,15 +81,31 @@ def axolotl_config(folder: Path, model: Path, data: Path) -> Path:
 
 
 def browser_seconds(page: Path, profile: Path) -> dict[str, Any]:
+    """Headless Chromium opening the page until it has rendered and painted it (`--screenshot`), against the same
+    browser opening an empty page: `seconds` is the page's share, `blank_seconds` the browser's start. (`--dump-dom`
+    would also time writing out the whole DOM, the embedded data included: most of its time at 5,000 examples.)
+    The examples rendered on the first page are counted from a `--dump-dom` run that is not timed."""
     chromium = shutil.which("chromium")
     if chromium is None:
         return {"seconds": None, "note": "chromium not installed"}
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", "--dump-dom", page.as_uri()]
-    started = time.perf_counter()
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True).stdout
-    return {"seconds": round(time.perf_counter() - started, 2), "examples_rendered": dom.count('class="example"')}
+    blank = page.with_name("blank.html")
+    blank.write_text("<!doctype html><title>blank</title>")
+
+    def run(*flags: str, target: Path, folder: str) -> tuple[float, str]:
+        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={profile / folder}", *flags, target.as_uri()]
+        started = time.perf_counter()
+        out = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True, cwd=page.parent).stdout
+        return time.perf_counter() - started, out
+
+    shot = ["--window-size=1280,1024", f"--screenshot={page.with_name('page.png')}"]
+    blank_seconds, _ = run(*shot, target=blank, folder="blank")
+    seconds, _ = run(*shot, target=page, folder="page")
+    _, dom = run("--dump-dom", target=page, folder="dom")
+    return {"seconds": round(seconds - blank_seconds, 2), "open_seconds": round(seconds, 2),
+            "blank_seconds": round(blank_seconds, 2), "page_mib": round(page.stat().st_size / 2**20, 1),
+            "examples_rendered": dom.count('class="example"')}
 
 
 def run_size(work: Path, model: Path, n: int, with_axolotl: bool) -> dict[str, Any]:
@@ -121,13 +117,13 @@ def run_size(work: Path, model: Path, n: int, with_axolotl: bool) -> dict[str, A
     cli = [sys.executable, "-m", "xtf_plugin.cli"]
     score = [*cli, "score", "--model", str(model), "--data", str(data), "--quiet"]
     arms: dict[str, Any] = {
-        "score": measure([*score, "--out", str(folder / "out")], env),
-        "rescore": measure([*score, "--out", str(folder / "out2"), "--set", "drop_ratio=0.3"], env),
-        "report": measure([*cli, "report", str(folder / "out"), "--html", str(folder / "page.html")], env),
+        "score": measure_process([*score, "--out", str(folder / "out")], env),
+        "rescore": measure_process([*score, "--out", str(folder / "out2"), "--set", "drop_ratio=0.3"], env),
+        "report": measure_process([*cli, "report", str(folder / "out"), "--html", str(folder / "page.html")], env),
     }
     arms["browser"] = browser_seconds(folder / "page.html", folder / "chromium-profile")
     if with_axolotl:
-        arms["axolotl"] = measure([str(Path(sys.executable).parent / "axolotl"), "preprocess",
+        arms["axolotl"] = measure_process([str(Path(sys.executable).parent / "axolotl"), "preprocess",
                                    str(axolotl_config(folder, model, data))], env)
     summary = json.loads((folder / "out" / "summary.json").read_text())
     rescored = json.loads((folder / "out2" / "summary.json").read_text())
@@ -184,7 +180,7 @@ def main() -> None:
         work = Path(tmp)
         model = work / "model"
         build_model(model, build_tokenizer(model))
-        loaded = measure([sys.executable, "-c", LOAD_ONLY, str(model)], environment(work / "cache"))
+        loaded = measure_process([sys.executable, "-c", LOAD_ONLY, str(model)], environment(work / "cache"))
         results = []
         for n in sizes:
             results.append(run_size(work, model, n, with_axolotl and n <= args.axolotl_max))

@@ -1,13 +1,17 @@
-"""What scoring costs: XTF's scoring (`score_dataset`, cache off) against a plain no-grad forward pass of the same
-model over the same batches (the floor) and against the released XTF procedure (`official_xtf.py`); how its
-time scales with examples and sequence length; what a re-run with only selection settings changed costs (cache
-on).
+"""What scoring costs: XTF's scoring (`score_dataset`, cache off) against the floor and against the released XTF
+procedure (`official_xtf.py`); how its time scales with examples and sequence length; what a re-run with only
+selection settings changed costs (cache on); `xtf score` as a whole process against the floor's process; and the
+parts of the cost on a model of Llama-3.2-1B's shape, from which whole 1B and 8B models are computed.
 
-Every (arm, length) runs in a child process of its own that loads the model once and then runs the workload once
+The floor (`_common.floor_forward`) is the least any KN scorer must do: the decoder forward, then the LM head and a
+float32 log-probability only at the response positions, in length-sorted batches of at most 2,048 tokens, no
+mask where a batch has no padding.
+
+Every (arm, workload) runs in a child process of its own that loads the model once and then runs the workload once
 per repeat; repeats are interleaved (the arm order rotates every repeat), so the arms see the same machine load.
 Peak memory is taken from each process's first run, so it is the arm's own from a fresh start. Ratios are medians
 of the per-repeat paired ratios. Inputs are real GSM8K text (the bundled sample, repeated) cut into windows of exactly
-the target length; the second half of each window is the response.
+the target length, or of a mix of lengths (`MIXED_LENGTHS`); the second half of each window is the response.
 
     python benchmarks/scoring_cost.py [--quick] [--repeats 3] [--model demo]
 
@@ -27,13 +31,19 @@ from typing import Any
 
 from _common import (
     RESULTS,
+    SHAPES,
     MemoryProbe,
     Worker,
+    child_env,
     device_name,
     emit,
+    examples_of_lengths,
+    floor_forward,
     machine_info,
     markdown_table,
+    measure_process,
     median,
+    random_model,
     ratio,
     run_child,
     serve_requests,
@@ -43,8 +53,10 @@ from _common import (
 )
 
 HERE = Path(__file__).resolve()
-DEFAULT_EXAMPLES = {256: 2, 1024: 1, 4096: 1}
-QUICK_EXAMPLES = {64: 2, 128: 1}
+# real data mixes short and long examples: one workload does too (6,144 tokens, most examples short)
+MIXED_LENGTHS = [2048, 1024, 512, 512, 256, 256, 256, 256] + [128] * 8
+DEFAULT_EXAMPLES: dict[int | str, list[int]] = {256: [256] * 2, 1024: [1024], 4096: [4096], "mixed": MIXED_LENGTHS}
+QUICK_EXAMPLES: dict[int | str, list[int]] = {64: [64] * 2, 128: [128], "mixed": [128, 64, 32, 32]}
 ARMS = ("floor", "xtf", "official")
 # output_attentions=True at 4096 tokens: 30 layers x 9 heads x 4096^2 fp32 = 18 GiB for the attentions alone
 OFFICIAL_MAX_LENGTH = 1024
@@ -60,28 +72,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _floor_forward(model: Any, input_ids: list, batch_size: int) -> int:
-    """Plain forward (all logits, SDPA, no attentions) over the batches `score_forward` builds."""
-    import torch
-
-    device = model.get_input_embeddings().weight.device
-    order = sorted(range(len(input_ids)), key=lambda i: (-len(input_ids[i]), i))
-    passes = 0
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = [input_ids[i] for i in order[start : start + batch_size]]
-            length = max(len(x) for x in batch)
-            ids = torch.zeros(len(batch), length, dtype=torch.long)
-            valid = torch.zeros(len(batch), length, dtype=torch.long)
-            for row, seq in enumerate(batch):
-                ids[row, : len(seq)] = torch.as_tensor(seq)
-                valid[row, : len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=valid.to(device), use_cache=False).logits
-            del logits
-            passes += 1
-    return passes
-
-
 def child_arm(spec: dict[str, Any]) -> None:
     """Worker of one arm at one length: load, warm up, then on every request time the workload and record its
     peak memory (the process's own only on the first request: later ones reuse what the allocator kept)."""
@@ -93,7 +83,7 @@ def child_arm(spec: dict[str, Any]) -> None:
     from xtf_plugin.pipeline import score_dataset
 
     device = device_name()
-    arm, length, n = spec["arm"], spec["length"], spec["examples"]
+    arm, length, lengths = spec["arm"], spec["length"], spec["lengths"]
     tokenizer = load_tokenizer(spec["model"])
     if arm == "official":
         from official_xtf import load_official_model, score_official
@@ -101,7 +91,7 @@ def child_arm(spec: dict[str, Any]) -> None:
         model = load_official_model(spec["model"], device)
     else:
         model = load_model(spec["model"], device=device)
-    ids, labels = synthetic_examples(tokenizer, n, length)
+    ids, labels = examples_of_lengths(tokenizer, lengths)
     config = XTFConfig()
     with torch.no_grad():  # warm-up: kernels, thread pools, allocator
         model(input_ids=torch.as_tensor(ids[0][:16], device=model.device)[None], use_cache=False)
@@ -113,7 +103,7 @@ def child_arm(spec: dict[str, Any]) -> None:
         started = time.perf_counter()
         extra: dict[str, Any] = {}
         if arm == "floor":
-            extra["forward_passes"] = _floor_forward(model, ids, config.batch_size)
+            extra["forward_passes"] = floor_forward(model, ids, labels)
         elif arm == "xtf":
             scored = score_dataset(model, tokenizer, TokenizedData(ids, labels), config, progress=False, use_cache=False)
             extra.update({k: scored.stats[k] for k in ("scoring_seconds", "forward_passes")})
@@ -122,7 +112,7 @@ def child_arm(spec: dict[str, Any]) -> None:
             extra.update({"forward_passes": result["forward_passes"], "distinct_strings": result["distinct_strings"]})
         _sync(device)
         seconds = time.perf_counter() - started
-        return {"arm": arm, "length": length, "examples": n, "seconds": round(seconds, 3), "memory": probe.stop(),
+        return {"arm": arm, "length": length, "examples": len(lengths), "tokens": sum(lengths), "seconds": round(seconds, 3), "memory": probe.stop(),
                 "process_request": request, **extra}
 
     serve_requests(workload)
@@ -154,11 +144,113 @@ def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
                 if arm == "xtf":
                     score_dataset(model, tokenizer, data[n], XTFConfig(), progress=False, use_cache=False)
                 else:
-                    _floor_forward(model, data[n].input_ids, XTFConfig().batch_size)
+                    floor_forward(model, data[n].input_ids, data[n].labels)
                 _sync(device)
                 (times if arm == "xtf" else floor_times)[n].append(round(time.perf_counter() - started, 3))
     return {"length": length, "times": {str(n): t for n, t in times.items()},
             "floor_times": {str(n): t for n, t in floor_times.items()}}
+
+
+SHAPE_EXAMPLES: dict[int, int] = {256: 2, 1024: 1, 4096: 1}
+SHAPE_LAYERS = 2
+"""The model-shape arm keeps this many decoder layers of Llama-3.2-1B's shape (all of its vocabulary and LM head):
+enough to measure a layer, the capture of one layer and the LM head apart, in minutes on two cores."""
+
+
+def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
+    """XTF against the floor on a random-initialised model of a published shape with `SHAPE_LAYERS` layers, and
+    the parts an estimate for the whole model needs: the LM head at the response positions, the relevance table
+    (one single-token forward per distinct response token) and what remains outside the forward pass."""
+    import numpy as np
+    import torch
+
+    from xtf_plugin.config import XTFConfig
+    from xtf_plugin.data import TokenizedData
+    from xtf_plugin.models import load_tokenizer
+    from xtf_plugin.pipeline import score_dataset
+    from xtf_plugin.scoring.attention import resolve_layers
+    from xtf_plugin.scoring.relevance import context_free_vectors
+
+    device = device_name()
+    tokenizer = load_tokenizer(spec["tokenizer"])
+    # the tiny shape of --quick has fewer ids than the tokenizer: its vocabulary grows to the tokenizer's
+    vocab = max(SHAPES[spec["shape"]]["vocab_size"], len(tokenizer))
+    model = random_model(spec["shape"], torch.float32 if device == "cpu" else torch.bfloat16, device, "sdpa",
+                         layers=spec["layers"], vocab=vocab)
+    head = model.get_output_embeddings()
+    rows = []
+    for length, n in spec["examples"].items():
+        ids, labels = synthetic_examples(tokenizer, n, int(length))
+        data = TokenizedData(ids, labels)
+        response = np.concatenate(labels) != -100
+        distinct = np.unique(np.concatenate(ids)[response])
+        floor_forward(model, ids[:1], labels[:1])  # warm-up
+        samples: dict[str, list[float]] = {"floor": [], "xtf": [], "xtf_forward": [], "head": [], "relevance": []}
+        for rep in range(spec["repeats"]):
+            for arm in (("xtf", "floor") if rep % 2 == 0 else ("floor", "xtf")):
+                _sync(device)
+                started = time.perf_counter()
+                if arm == "floor":
+                    floor_forward(model, ids, labels)
+                else:
+                    scored = score_dataset(model, tokenizer, data, XTFConfig(), progress=False, use_cache=False)
+                    samples["xtf_forward"].append(scored.stats["scoring_seconds"])
+                _sync(device)
+                samples[arm].append(time.perf_counter() - started)
+            with torch.no_grad():
+                hidden = torch.randn(int(response.sum()) - n, model.config.hidden_size, device=device,
+                                     dtype=head.weight.dtype)
+                started = time.perf_counter()
+                logits = head(hidden).float()
+                _ = logits.logsumexp(-1)
+                _sync(device)
+                samples["head"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                context_free_vectors(model, distinct, "hidden")
+                _sync(device)
+                samples["relevance"].append(time.perf_counter() - started)
+        rows.append({"length": int(length), "examples": n, "distinct_response_tokens": int(distinct.size),
+                     **{f"{k}_seconds": median(v) for k, v in samples.items()},
+                     "time_ratio": round(median([x / f for x, f in zip(samples["xtf"], samples["floor"], strict=True)]), 3)})
+    captured = len(resolve_layers(XTFConfig().ri_layers, spec["layers"]))
+    return {"shape": spec["shape"], "layers": spec["layers"], "captured_layers": captured, "rows": rows}
+
+
+def _layer_macs(shape: dict[str, Any]) -> float:
+    """Multiply-adds per token of one decoder layer's projections and MLP (attention scores left out)."""
+    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
+    kv = hidden * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    return hidden * (2 * hidden + 2 * kv) + 3 * hidden * inner
+
+
+def estimate_full(measured: dict[str, Any], shape: str) -> list[dict[str, Any]]:
+    """XTF / floor for the whole model of `shape` (all its layers, `middle` captured), computed from the parts
+    measured on the shortened model of `measured["shape"]`: per layer, the floor's decoder time (measured minus
+    the LM head, over the layers kept) and the capture (XTF's forward loop minus the floor, over the layers
+    captured); the relevance table scales with the layers, the LM head with the hidden size, the capture with
+    heads x head size, a layer with its multiply-adds. Computed, not measured."""
+    from xtf_plugin.scoring.attention import resolve_layers
+
+    base, target = SHAPES[measured["shape"]], SHAPES[shape]
+    layers = target["num_hidden_layers"]
+    captured = len(resolve_layers("middle", layers))
+    layer_scale = _layer_macs(target) / _layer_macs(base)
+    head_scale = target["hidden_size"] / base["hidden_size"]  # same vocabulary
+    capture_scale = target["hidden_size"] / base["hidden_size"]  # heads x head size = hidden size
+    out = []
+    for row in measured["rows"]:
+        layer = (row["floor_seconds"] - row["head_seconds"]) / measured["layers"]
+        capture = max(row["xtf_forward_seconds"] - row["floor_seconds"], 0.0) / measured["captured_layers"]
+        relevance = row["relevance_seconds"] / measured["layers"]
+        rest = max(row["xtf_seconds"] - row["xtf_forward_seconds"] - row["relevance_seconds"], 0.0)
+        floor = layers * layer * layer_scale + row["head_seconds"] * head_scale
+        xtf = floor + captured * capture * capture_scale + layers * relevance * layer_scale + rest
+        out.append({"shape": shape, "layers": layers, "captured_layers": captured, "length": row["length"],
+                    "examples": row["examples"], "time_ratio_computed": round(xtf / floor, 3),
+                    "lm_head_share_of_floor": round(row["head_seconds"] * head_scale / floor, 3),
+                    "capture_share_of_floor": round(captured * capture * capture_scale / floor, 3),
+                    "relevance_share_of_floor": round(layers * relevance * layer_scale / floor, 3)})
+    return out
 
 
 SELECTION_CHANGES = [
@@ -202,18 +294,60 @@ def child_cache(spec: dict[str, Any]) -> dict[str, Any]:
     return {"examples": spec["examples"], "tokens": int(sum(len(x) for x in data.input_ids)), "runs": runs}
 
 
+def child_floor_process(spec: dict[str, Any]) -> None:
+    """The whole-process floor: what any KN scorer's process must do for a dataset file. Import torch and
+    transformers, load the tokenizer and the model, read and tokenise the rows as `xtf score` does, then
+    `floor_forward`; nothing written."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xtf_plugin.data import read_records, resolve_format, tokenize_records
+    from xtf_plugin.demo import resolve_model_path
+
+    path = resolve_model_path(spec["model"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    records = read_records(spec["data"])
+    data = tokenize_records(records, tokenizer, resolve_format(records, "auto", source=spec["data"]), 2048,
+                            source=spec["data"])
+    floor_forward(model, data.input_ids, data.labels)
+
+
+def whole_process(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """`xtf score` (cache off) against the whole-process floor on the first `--process-examples` rows of the
+    bundled GSM8K sample, each a fresh process tree, interleaved; wall time and peak RSS."""
+    from xtf_plugin.data import read_records
+    from xtf_plugin.demo import DEMO_DATA
+
+    n = 8 if args.quick else args.process_examples
+    data = work / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in read_records(str(DEMO_DATA))[:n]))
+    env = child_env({"threads": args.threads})
+    score = [sys.executable, "-m", "xtf_plugin.cli", "score", "--model", args.model, "--data", str(data),
+             "--no-cache", "--quiet", "--overwrite", "--out", str(work / "out")]
+    floor = [sys.executable, str(HERE), "--child", json.dumps({"task": "floor_process", "model": args.model,
+                                                              "data": str(data), "threads": args.threads})]
+    runs: dict[str, list[dict[str, float]]] = {"floor": [], "xtf": []}
+    for rep in range(args.repeats):
+        for arm in (("xtf", "floor") if rep % 2 == 0 else ("floor", "xtf")):
+            runs[arm].append(measure_process(score if arm == "xtf" else floor, env))
+            print(f"  whole process, repeat {rep} {arm:5s} {runs[arm][-1]}", flush=True)
+    summary = json.loads((work / "out" / "summary.json").read_text())
+    return {"examples": n, "tokens": summary["tokens_scored_by_model"], "runs": runs}
+
+
 # --- parent side --------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     examples = QUICK_EXAMPLES if args.quick else DEFAULT_EXAMPLES
-    official_max = max(examples) if args.quick else OFFICIAL_MAX_LENGTH
+    official_max = max(k for k in examples if isinstance(k, int)) if args.quick else OFFICIAL_MAX_LENGTH
     started = time.perf_counter()
     samples: list[dict[str, Any]] = []
-    for length, n in examples.items():
-        arms = [a for a in ARMS if a != "official" or length <= official_max]
+    for length, lengths in examples.items():
+        arms = [a for a in ARMS if a != "official" or (isinstance(length, int) and length <= official_max)]
         # the workers load side by side (not timed); then one workload at a time
-        workers = {arm: Worker(HERE, {"task": "arm", "arm": arm, "length": length, "examples": n, "model": args.model,
+        workers = {arm: Worker(HERE, {"task": "arm", "arm": arm, "length": length, "lengths": lengths, "model": args.model,
                                       "threads": args.threads}) for arm in arms}
         try:
             for worker in workers.values():
@@ -234,11 +368,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  scaling {scaling}", flush=True)
     cache = run_child(HERE, {"task": "cache", "examples": 4 if args.quick else args.cache_examples, "repeats": args.repeats, "model": args.model, "threads": args.threads})
     print(f"  cache {cache}", flush=True)
+    shape = run_child(HERE, {"task": "shape", "shape": "tiny" if args.quick else "1B",
+                             "layers": 2 if args.quick else SHAPE_LAYERS, "tokenizer": args.model,
+                             "examples": {"64": 1, "128": 1} if args.quick else {str(k): v for k, v in SHAPE_EXAMPLES.items()},
+                             "repeats": args.repeats, "threads": args.threads})
+    print(f"  shape {shape}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="xtf-bench-process-") as work:
+        process = whole_process(args, Path(work))
     return {
         "samples": samples,
         "scaling": scaling,
         "cache": cache,
-        "examples_per_length": {str(k): v for k, v in examples.items()},
+        "shape": shape,
+        "whole_process": process,
+        "examples_per_length": {str(k): len(v) for k, v in examples.items()},
+        "mixed_lengths": examples["mixed"],
         "official_max_length": official_max,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -250,7 +394,7 @@ def _by(samples: list[dict[str, Any]], arm: str, length: int) -> dict[int, dict[
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     samples = raw["samples"]
-    lengths = sorted({s["length"] for s in samples})
+    lengths = list(dict.fromkeys(s["length"] for s in samples))  # the workloads in the order they ran
     floor_rows, official_rows, length_rows = [], [], []
     for length in lengths:
         floor, xtf, official = (_by(samples, a, length) for a in ARMS)
@@ -261,7 +405,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         row = {
             "length": length,
             "examples": n,
-            "tokens": n * length,
+            "tokens": xtf[reps[0]]["tokens"],
             "floor_seconds": median([floor[r]["seconds"] for r in reps]),
             "xtf_seconds": median([xtf[r]["seconds"] for r in reps]),
             "xtf_forward_seconds": median([xtf[r]["scoring_seconds"] for r in reps]),
@@ -323,7 +467,23 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "rerun_share": round(median([r["rerun_seconds"] / r["first_seconds"] for r in cache_runs]), 4),
         "rerun_forward_passes": max(r["rerun_forward_passes"] for r in cache_runs),
     }
+    runs = raw["whole_process"]["runs"]
+    process_row = {
+        "examples": raw["whole_process"]["examples"],
+        "tokens": raw["whole_process"]["tokens"],
+        "floor_seconds": median([r["seconds"] for r in runs["floor"]]),
+        "xtf_seconds": median([r["seconds"] for r in runs["xtf"]]),
+        "time_ratio": round(median([x["seconds"] / f["seconds"] for x, f in zip(runs["xtf"], runs["floor"], strict=True)]), 3),
+        "floor_peak_mib": median([r["peak_mib"] for r in runs["floor"]]),
+        "xtf_peak_mib": median([r["peak_mib"] for r in runs["xtf"]]),
+    }
+    process_row["peak_ratio"] = ratio(process_row["xtf_peak_mib"], process_row["floor_peak_mib"])
+    shape = raw["shape"]
     return {
+        "whole_process": process_row,
+        "shape": shape["rows"],
+        "shape_model": f"random {shape['shape']} shape, {shape['layers']} layers ({shape['captured_layers']} captured)",
+        "shape_computed": [] if shape["shape"] == "tiny" else [*estimate_full(shape, "1B"), *estimate_full(shape, "8B")],
         "vs_floor": floor_rows,
         "vs_official": official_rows,
         "scaling_examples": example_rows,
@@ -384,6 +544,23 @@ def tables(summary: dict[str, Any], official_max: int) -> str:
             [[c["examples"], c["tokens"], f"{c['first_seconds']:.2f}", f"{c['rerun_seconds']:.3f}", f"**{100 * c['rerun_share']:.2f}%**", c["rerun_forward_passes"]]],
         )
     )
+    p = summary["whole_process"]
+    out += ["", f"### Whole process: `xtf score` vs the floor's process ({p['examples']} GSM8K rows, {p['tokens']} tokens)", ""]
+    out.append(markdown_table(["floor s", "xtf score s", "time ratio", "peak MiB floor / XTF", "peak ratio"],
+                              [[f"{p['floor_seconds']:.2f}", f"{p['xtf_seconds']:.2f}", f"**{p['time_ratio']:.3f}**",
+                                f"{p['floor_peak_mib']:.0f} / {p['xtf_peak_mib']:.0f}", f"{p['peak_ratio']:.3f}"]]))
+    out += ["", f"### Model shape: {summary['shape_model']} (measured)", ""]
+    out.append(markdown_table(
+        ["length", "examples", "floor s", "XTF s", "time ratio", "LM head s", "relevance table s", "XTF forward loop s"],
+        [[r["length"], r["examples"], f"{r['floor_seconds']:.2f}", f"{r['xtf_seconds']:.2f}", f"**{r['time_ratio']:.3f}**",
+          f"{r['head_seconds']:.2f}", f"{r['relevance_seconds']:.2f}", f"{r['xtf_forward_seconds']:.2f}"] for r in summary["shape"]]))
+    if summary["shape_computed"]:
+        out += ["", "### Whole models, computed from the parts measured above (not measured)", ""]
+        out.append(markdown_table(
+            ["shape", "layers (captured)", "length", "XTF / floor", "LM head share", "capture share", "relevance table share"],
+            [[r["shape"], f"{r['layers']} ({r['captured_layers']})", r["length"], f"**{r['time_ratio_computed']:.3f}**",
+              f"{r['lm_head_share_of_floor']:.3f}", f"{r['capture_share_of_floor']:.3f}", f"{r['relevance_share_of_floor']:.3f}"]
+             for r in summary["shape_computed"]]))
     return "\n".join(out)
 
 
@@ -394,6 +571,7 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--scaling-base", type=int, default=1, help="examples of 64 tokens at 1x (then 4x, 16x)")
     parser.add_argument("--cache-examples", type=int, default=12, help="GSM8K examples of the cache run")
+    parser.add_argument("--process-examples", type=int, default=60, help="GSM8K rows of the whole-process arms")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads per process (0: torch's default)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -403,8 +581,10 @@ def main() -> None:
         set_threads(spec.get("threads", 0))
         if spec["task"] == "arm":
             child_arm(spec)
+        elif spec["task"] == "floor_process":
+            child_floor_process(spec)
         else:
-            emit({"scaling": child_scaling, "cache": child_cache}[spec["task"]](spec))
+            emit({"scaling": child_scaling, "cache": child_cache, "shape": child_shape}[spec["task"]](spec))
         return
     args.repeats = args.repeats or (1 if args.quick else 3)
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "scoring_cost.quick.json" if args.quick else RESULTS / "scoring_cost.json")
@@ -422,7 +602,9 @@ def main() -> None:
             "official_skipped_above": "output_attentions=True returns every layer's [heads, L, L] probabilities: at 4096 "
             "tokens 30 x 9 x 4096^2 x 4 B = 18 GiB for the demo model, more than the 2-core benchmark machine's memory",
             "xtf_config": "defaults (ri_layers middle, tr vector/hidden/centred, batch_size 8), cache off except the cache test",
-            "floor": "model(input_ids, attention_mask, use_cache=False) with SDPA, all logits, no attentions, same batches",
+            "floor": "decoder forward (SDPA, no mask without padding), then the LM head and a float32 log-probability "
+            "only at response positions, in length-sorted batches of at most 2,048 tokens (_common.floor_forward)",
+            "shape": f"random-initialised Llama-3.2-1B shape with {SHAPE_LAYERS} of its 16 layers (timing only)",
             "threads": args.threads,
             "quick": args.quick,
         },

@@ -31,7 +31,7 @@ from xtf_plugin.errors import XTFError
 from xtf_plugin.pipeline import score_dataset
 from xtf_plugin.scoring import attention as attention_module
 from xtf_plugin.scoring.attention import resolve_layers
-from xtf_plugin.scoring.engine import batch_plan, score_forward
+from xtf_plugin.scoring.engine import PADDING_SHARE, batch_plan, score_forward
 from xtf_plugin.scoring.relevance import domain_token_groups, relevance_table
 
 ATOL = 1e-5
@@ -432,10 +432,14 @@ def test_batch_plan_fills_batches_up_to_the_token_budget():
     assert [i for batch in plan for i in batch] == order  # every example once, longest first
     for batch, following in zip(plan, [*plan[1:], None], strict=True):
         padded = len(batch) * lengths[batch[0]]
-        assert len(batch) <= 8 and (padded <= 300 or len(batch) == 1)
+        padding = padded - sum(lengths[i] for i in batch)
+        assert len(batch) <= 8 and (padded <= 300 or len(batch) == 1) and padding <= PADDING_SHARE * 300
         if following is not None:  # a batch closes only when the next example does not fit
-            assert len(batch) == 8 or (len(batch) + 1) * lengths[batch[0]] > 300
+            more = padding + lengths[batch[0]] - lengths[following[0]]
+            assert len(batch) == 8 or (len(batch) + 1) * lengths[batch[0]] > 300 or more > PADDING_SHARE * 300
     assert batch_plan([500, 20, 10], 8, 300) == [[0], [1, 2]]  # too long for the budget: a batch of its own
+    # a few long examples do not pad many short ones to their length: 40 padding tokens at most of 320
+    assert batch_plan([80, 60, 20, 20, 20, 20], 8, 320) == [[0, 1], [2, 3, 4, 5]]
     assert batch_plan(lengths, 8) == [order[i : i + 8] for i in range(0, 200, 8)]  # no budget: by count
 
 
@@ -449,7 +453,7 @@ def test_token_budget_changes_the_batches_not_the_scores(models64, references):
         return score_forward(model, ids, labels, XTFConfig(ri_layers="all", **settings), progress=False)
 
     alone, budget = scores(batch_size=1), scores(batch_size=8, batch_tokens=80)
-    assert [len(b) for b in batch_plan([len(x) for x in ids], 8, 80)] == [2, 2, 4]
+    assert [len(b) for b in batch_plan([len(x) for x in ids], 8, 80)] == [2, 2, 3, 1]  # padding: 10 tokens at most
     for field in ("kn", "ri"):
         np.testing.assert_allclose(getattr(budget, field), getattr(alone, field), atol=1e-6, rtol=0, equal_nan=True)
     same_plan = scores(batch_size=8, batch_tokens=10_000)

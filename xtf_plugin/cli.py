@@ -152,7 +152,7 @@ def command_sft(args: argparse.Namespace) -> int:
     """`xtf sft`: `trl sft` with an `xtf:` block, under accelerate launch."""
     from xtf_plugin.models import import_model_libraries
 
-    import_model_libraries()
+    import_model_libraries(with_peft=True)
     from xtf_plugin.integrations.trl.sft import launch
 
     return launch(args.trl_args)

@@ -229,7 +229,8 @@ class XTFConfig(_Strict):
         4096,
         ge=1,
         description="Most tokens per scoring forward pass, padding included (an example longer than this is "
-        "scored alone): long examples go a few at a time, short ones batch_size at a time.",
+        "scored alone; a batch closes before its padding passes 1/8 of this): long examples go a few at a time, "
+        "short ones batch_size at a time.",
     )
     cache_dir: str | None = Field(
         None, description="Score cache folder. Default: $XTF_CACHE or ~/.cache/xtf_plugin/scores."

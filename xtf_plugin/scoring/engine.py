@@ -22,7 +22,7 @@ from xtf_plugin.scoring.attention import capture_attention_received, resolve_lay
 from xtf_plugin.scoring.novelty import novelty_from_log_probs, token_log_probs
 from xtf_plugin.token_scores import TokenScores
 
-SCORER_VERSION = 5
+SCORER_VERSION = 6
 """Bumped whenever the scoring math changes, so stale cache entries are never reused."""
 
 
@@ -74,25 +74,34 @@ def _log_probs_at(
     return out
 
 
+PADDING_SHARE = 1 / 8
+"""With a token budget, a batch also closes before its padding would pass this share of the budget: a few long
+examples among many short ones (real data) would otherwise pad the short ones to their length."""
+
+
 def batch_plan(lengths: Sequence[int], batch_size: int, batch_tokens: int | None = None) -> list[list[int]]:
     """The batches `score_forward` runs, as example indices: longest first (less padding), ties by index; a
     batch holds at most `batch_size` examples and, when `batch_tokens` is given, at most that many tokens with
-    its padding (`examples * longest`; an example longer than that is a batch of its own).
+    its padding (`examples * longest`; an example longer than that is a batch of its own) and at most
+    `PADDING_SHARE * batch_tokens` padding tokens.
 
     A batch's padding changes float32 scores in the last bits, so whoever scores an example (one process or
     one of several) must put it in the same batch to get bit-identical scores.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     plan: list[list[int]] = []
+    padding = 0  # of the open batch
     for index in order:
-        batch = plan[-1] if plan else None
-        # the batch's first example is its longest: each added one costs that many padded tokens
-        if batch is not None and len(batch) < batch_size and (
-            batch_tokens is None or (len(batch) + 1) * lengths[batch[0]] <= batch_tokens
-        ):
+        batch = plan[-1] if plan else []
+        longest = lengths[batch[0]] if batch else 0
+        added = longest - lengths[index]  # the padding this example brings: the batch's first is its longest
+        if batch and len(batch) < batch_size and (batch_tokens is None or (
+                (len(batch) + 1) * longest <= batch_tokens and padding + added <= PADDING_SHARE * batch_tokens)):
             batch.append(index)
+            padding += added
         else:
             plan.append([index])
+            padding = 0
     return plan
 
 

@@ -116,7 +116,7 @@ if __name__ == "__main__":
     from xtf_plugin.distributed import is_main_process, leave_group
     from xtf_plugin.models import import_model_libraries
 
-    import_model_libraries()
+    import_model_libraries(with_peft=True)
     try:
         trainer = main()
     except XTFError as error:  # e.g. a streaming dataset: one line, as the `xtf` command prints its errors
