@@ -103,7 +103,7 @@ def browser_seconds(page: Path, profile: Path) -> dict[str, Any]:
     blank_seconds, _ = run(*shot, target=blank, folder="blank")
     seconds, _ = run(*shot, target=page, folder="page")
     _, dom = run("--dump-dom", target=page, folder="dom")
-    return {"seconds": round(seconds - blank_seconds, 2), "open_seconds": round(seconds, 2),
+    return {"seconds": round(max(seconds - blank_seconds, 0.0), 2), "open_seconds": round(seconds, 2),
             "blank_seconds": round(blank_seconds, 2), "page_mib": round(page.stat().st_size / 2**20, 1),
             "examples_rendered": dom.count('class="example"')}
 

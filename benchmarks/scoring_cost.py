@@ -198,7 +198,7 @@ def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
                 _sync(device)
                 samples[arm].append(time.perf_counter() - started)
             with torch.no_grad():
-                hidden = torch.randn(int(response.sum()) - n, model.config.hidden_size, device=device,
+                hidden = torch.randn(int(response.sum()), model.config.hidden_size, device=device,
                                      dtype=head.weight.dtype)
                 started = time.perf_counter()
                 logits = head(hidden).float()
@@ -298,7 +298,6 @@ def child_floor_process(spec: dict[str, Any]) -> None:
     """The whole-process floor: what any KN scorer's process must do for a dataset file. Import torch and
     transformers, load the tokenizer and the model, read and tokenise the rows as `xtf score` does, then
     `floor_forward`; nothing written."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from xtf_plugin.data import read_records, resolve_format, tokenize_records
@@ -306,7 +305,9 @@ def child_floor_process(spec: dict[str, Any]) -> None:
 
     path = resolve_model_path(spec["model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    device = device_name()  # the dtype `xtf score` picks: bfloat16 on a GPU, float32 on a CPU
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16" if device == "cuda" else "float32",
+                                                 attn_implementation="sdpa").to(device).eval()
     records = read_records(spec["data"])
     data = tokenize_records(records, tokenizer, resolve_format(records, "auto", source=spec["data"]), 2048,
                             source=spec["data"])
@@ -493,7 +494,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def tables(summary: dict[str, Any], official_max: int) -> str:
-    out = ["### Scoring cost vs a plain forward pass (floor)", ""]
+    out = ["### Scoring cost vs the floor (decoder, then the LM head only at response positions)", ""]
     out.append(
         markdown_table(
             ["length", "examples", "floor s", "XTF s", "time ratio", "peak MiB floor / XTF", "peak ratio", "increment MiB floor / XTF", "increment ratio"],

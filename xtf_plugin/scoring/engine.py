@@ -23,7 +23,8 @@ from xtf_plugin.scoring.novelty import novelty_from_log_probs, token_log_probs
 from xtf_plugin.token_scores import TokenScores
 
 SCORER_VERSION = 6
-"""Bumped whenever the scoring math changes, so stale cache entries are never reused."""
+"""Bumped whenever the scoring math or the batch plan changes (a batch's padding changes the last float bits), so a
+cached entry always equals a fresh run's."""
 
 
 @dataclass
