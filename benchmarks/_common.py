@@ -130,10 +130,8 @@ def floor_forward(model: Any, input_ids: list[np.ndarray], labels: list[np.ndarr
                 ids[row, : len(input_ids[i])] = torch.as_tensor(input_ids[i])
                 target[row, : len(labels[i])] = torch.as_tensor(labels[i])
                 mask[row, : len(input_ids[i])] = 1
-            if bool(mask.all()):
-                mask = None
-            hidden = decoder(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
-                             use_cache=False).last_hidden_state
+            attention_mask = None if bool(mask.all()) else mask.to(device)
+            hidden = decoder(input_ids=ids.to(device), attention_mask=attention_mask, use_cache=False).last_hidden_state
             where = (target[:, 1:] != -100).to(device)
             logits = head(hidden[:, :-1][where]).float()
             _ = logits.gather(1, ids[:, 1:].to(device)[where][:, None])[:, 0] - logits.logsumexp(-1)
