@@ -62,11 +62,14 @@ QUICK_ROWS = 60
 KINDS = ("filler", "off_task", "boilerplate", "random_tokens", "repetition")
 """The kinds of the default run, a fifth of the noisy answers each."""
 UNSEEN_KINDS = ("markup", "url", "garbled", "foreign", "pasted")
-"""Kinds written after every selection rule was chosen and never used to choose one (`--kinds`)."""
-ALL_KINDS = KINDS + UNSEEN_KINDS
-HELD_OUT = ("filler", "boilerplate", *UNSEEN_KINDS)
-"""Kinds kept aside while the spans selection was designed (on off_task, random_tokens and the downstream
-benchmark's word salad): their numbers are the test of a rule that was not tuned on them."""
+"""Kinds written after the surprise rules were chosen (`--kinds`); the prompt-grounding rule was then designed
+on them, so they are no longer a held-out test of it."""
+FRESH_KINDS = ("advert", "code", "chat", "hashtags", "emoji")
+"""Kinds written after the prompt-grounding rule was chosen and never used to choose any rule (`--kinds`)."""
+ALL_KINDS = KINDS + UNSEEN_KINDS + FRESH_KINDS
+HELD_OUT = ("filler", "boilerplate", *FRESH_KINDS)
+"""Kinds kept aside while every rule of the spans selection was designed: their numbers are the test of rules
+that were not tuned on them."""
 CLEAN, NOT_RESPONSE = 0, -1
 """Token kind codes: 0 = clean, 1.. = index into ALL_KINDS plus one, -1 = not a trained token."""
 
@@ -98,6 +101,16 @@ URL_LINES = ["Source: https://www.example.org/threads/48213?page=2", "See http:/
 FOREIGN = ["Je pense que le ciel est très bleu aujourd'hui.", "Ich habe heute leider keine Zeit für Sport.",
            "El perro de mi vecino duerme todo el día.", "Oggi il mercato è chiuso per la festa."]
 GARBLE = "abcdefghijklmnopqrstuvwxyz0123456789#@!%&*"
+ADVERTS = ["Get 20% off your first order at BestDeals with the code SAVE20!",
+           "Subscribe to our newsletter for daily tips and exclusive offers.",
+           "Download our free app today and never miss a deal again."]
+CODE_LINES = ["for i in range(len(items)): total += items[i]", "import numpy as np; x = np.zeros(10)",
+              "console.log(JSON.stringify(data));", "SELECT name, price FROM products WHERE id = 42;"]
+CHAT_LINES = ["User: can you also write me a poem about cats?",
+              "Thanks, that was helpful! Can you help me with my essay next?",
+              "Assistant: Of course! Here is a short story about a dragon."]
+HASHTAGS = ["#math #homework #studytips", "#blessed #mondaymotivation", "#learning #education #kids"]
+EMOJI = ["\U0001f60a\U0001f44d", "\U0001f914", "\U0001f389\U0001f389", "\u2728\U0001f680"]
 ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
@@ -192,6 +205,19 @@ def inject(answer: str, kind: str, rng: random.Random, vocabulary: list[str], po
         result = insert_all(answer, [(rng.choice(spaces), " " + garbage)])
     elif kind == "foreign":
         result = insert_all(answer, [(rng.choice(gaps), rng.choice(FOREIGN) + "\n")])
+    elif kind == "advert":
+        result = insert_all(answer, [(rng.choice(gaps), rng.choice(ADVERTS) + "\n")])
+    elif kind == "code":
+        result = insert_all(answer, [(rng.choice(gaps), rng.choice(CODE_LINES) + "\n")])
+    elif kind == "chat":
+        # a turn of another conversation left in the answer
+        result = insert_all(answer, [(rng.choice(gaps), rng.choice(CHAT_LINES) + "\n")])
+    elif kind == "hashtags":
+        # social-media tags at the end of a line
+        ends = [m.start() for m in re.finditer("\n", answer[:body_end])] or [body_end]
+        result = insert_all(answer, [(rng.choice(ends), " " + rng.choice(HASHTAGS))])
+    elif kind == "emoji":
+        result = insert_all(answer, [(p, " " + rng.choice(EMOJI)) for p in rng.sample(spaces, min(2, len(spaces)))])
     elif kind == "pasted":
         # a reasoning line of another problem: on-topic, fluent, and wrong here
         own = set(reasoning_lines(answer))

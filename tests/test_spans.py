@@ -181,6 +181,76 @@ def test_spans_mode_masks_only_the_surprising_phrase_of_a_real_sentence(tiny_tok
     assert "".join(texts[j] for j in np.flatnonzero(selection.reasons)) == " blue moon singing"
 
 
+def selection_with_gain(tokenizer, lines, span_p, span_gain, phrase_text=None, phrase_gain=None, **config):
+    """Spans mode on one response where every token of span s has p = span_p[s] and prompt gain span_gain[s]
+    (the TR column; what it means depends on `tr_method`); `phrase_text` inside its span gets p = 1e-5 and
+    `phrase_gain`. Returns the spans, the selection and the phrase's tokens."""
+    ids, response, offsets, spans = spans_of(tokenizer, [("Q\n", "".join(lines))])
+    p, gain = np.full(len(ids), 0.5), np.full(len(ids), np.nan)
+    for index, (value, g) in enumerate(zip(span_p, span_gain, strict=True)):
+        p[spans.ids == index], gain[spans.ids == index] = value, g
+    phrase = np.zeros(len(ids), bool)
+    if phrase_text is not None:
+        texts = TokenTexts(tokenizer).of(ids.tolist())
+        index = next(i for i, text in enumerate(spans.texts) if phrase_text in text)
+        inside = np.flatnonzero(spans.ids == index)
+        ends = np.cumsum([len(texts[j]) for j in inside])
+        start = spans.texts[index].index(phrase_text)
+        phrase[inside[(ends > start) & (ends <= start + len(phrase_text))]] = True
+        assert "".join(texts[j] for j in np.flatnonzero(phrase)) == phrase_text
+        p[phrase], gain[phrase] = 1e-5, phrase_gain
+    scores = TokenScores(offsets, np.full(len(ids), np.nan), np.where(response, 1.0 - p, np.nan),
+                         np.where(response, gain, np.nan))
+    protected = ids == tokenizer.eos_token_id
+    return spans, select_tokens(scores, response, protected, XTFConfig(preset="spans", **config), spans), phrase
+
+
+UNGROUNDED_LINES = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "Posted by user 8812 on Monday.\n",
+                    "She has 8 apples now.\n", "So she has more than before.\n", "Her friend has 4 pears.\n",
+                    "They share the pears today.\n", "Each of them gets 2 pears.\n", "Then they eat their lunch.\n",
+                    "That is the result here."]
+UNGROUNDED_P = [0.5, 0.6, 0.32, 0.4, 0.55, 0.45, 0.52, 0.48, 0.58, 0.44]
+GROUNDED_GAINS = [0.8, 0.5, None, 0.6, 0.3, 0.4, 0.7, 0.2, 0.5, 0.4]
+
+
+def test_with_the_prompt_gain_a_line_the_prompt_makes_less_likely_is_off_task_below_the_fence(tiny_tokenizer):
+    def select(line_gain, **config):
+        gains = [line_gain if g is None else g for g in GROUNDED_GAINS]
+        return selection_with_gain(tiny_tokenizer, UNGROUNDED_LINES, UNGROUNDED_P, gains, **config)[:2]
+
+    # the inserted line's surprise 1.139 is below the fence (k = 3: 1.210) and above span_ungrounded_k's (2.5: 1.127)
+    spans, selection = select(-0.4, tr_method="prompt_gain")
+    assert spans.texts == UNGROUNDED_LINES
+    line = spans.ids == 2
+    assert (selection.reasons[line] == 4 | SPAN_BIT).all() and (selection.reasons[~line] == 0).all()
+    assert selection.thresholds["span_surprise_fence"] == pytest.approx(1.210, abs=2e-3)
+    assert selection.thresholds["span_ungrounded_fence"] == pytest.approx(1.127, abs=2e-3)
+    assert (selection.thresholds["ungrounded_spans"], selection.thresholds["off_task_spans"]) == (1, 1)
+    # a line the prompt makes only a little less likely, or one the prompt grounds, stays; so does the line when
+    # the lower fence is above it
+    for gain, config in ((-0.05, {}), (0.2, {}), (-0.4, {"span_ungrounded_k": 2.8})):
+        _, kept = select(gain, tr_method="prompt_gain", **config)
+        assert (kept.reasons == 0).all() and kept.thresholds["ungrounded_spans"] == 0, (gain, config)
+    # vector TR is no prompt gain: the same numbers in the TR column change nothing, and the rule reports nothing
+    _, vector = select(-0.4)
+    assert (vector.reasons == 0).all() and "ungrounded_spans" not in vector.thresholds
+
+
+def test_with_the_prompt_gain_an_off_task_span_whose_rest_is_not_grounded_goes_whole(tiny_tokenizer):
+    lines = ["She has 5 apples.\n", "Then she buys 3 more apples.\n", "She gives 2 apples to Tom blue moon singing.\n",
+             "She has 8 apples now.\n", "So she has more than before.\n", "That is the result here."]
+    p = [0.5, 0.6, 0.5, 0.4, 0.55, 0.45]
+    for rest_gain, whole in ((0.7, False), (0.0, True), (-0.5, True)):
+        spans, selection, phrase = selection_with_gain(
+            tiny_tokenizer, lines, p, [0.8, 0.5, rest_gain, 0.6, 0.3, 0.4], phrase_text=" blue moon singing",
+            phrase_gain=-2.0, tr_method="prompt_gain")
+        # a real sentence around a few odd words keeps its words; a line with nothing the prompt grounds around
+        # its surprising phrase is not a real sentence
+        expected = (spans.ids == 2) if whole else phrase
+        assert (selection.reasons > 0).tolist() == expected.tolist(), rest_gain
+        assert selection.thresholds["ungrounded_spans"] == 0  # above the fence: off-task by surprise alone
+
+
 def test_spans_mode_never_masks_a_template_or_a_protected_span(tiny_tokenizer):
     examples = [(f"Q{i}\n", f"She has {i + 2} apples now.\nThen she buys 3 more apples.\nThe answer is {i + 5}.")
                 for i in range(4)]
@@ -465,3 +535,4 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     repeated = re.findall(r'<span class="tok drop drop-kn drop-span"[^>]*title="([^"]*)"[^>]*>([^<]*)</span>', dom)
     assert "".join(text for _, text in repeated) == lines[2]
     assert all("dropped: KN (repeats an earlier span)" in title for title, _ in repeated)
+

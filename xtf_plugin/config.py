@@ -180,6 +180,13 @@ class XTFConfig(_Strict):
         description="spans: a span is off-task when its mean surprise (-log p of its word tokens) lies more than "
         "k robust standard deviations (1.4826 MAD) above the median span of the dataset (repeats aside).",
     )
+    span_ungrounded_k: float = Field(
+        2.5,
+        gt=0,
+        description="spans with tr_method prompt_gain: a span more than k robust standard deviations above the "
+        "median span, below span_fence_k's fence, is off-task too when the prompt makes its words less likely "
+        "(prompt gain under -0.1 nats per word): a fluent line inserted into a response, grounded in no prompt.",
+    )
     protect: list[str] = Field(
         default_factory=list,
         description="Regular expressions (multiline) over the example text; response tokens they touch are "

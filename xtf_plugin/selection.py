@@ -20,7 +20,10 @@ of its own response is off-task, and its tokens are masked (reason bits TR + SPA
 phrase that holds the excess surprise when that is a small part of the span. A span of a run said again right
 after itself (`Spans.repeat`: a response that loops) adds nothing new, and its tokens are all masked (KN + SPAN);
 then the most surprising off-task spans, up to `floor(drop_ratio * n)` tokens per example, where n counts the
-response tokens left after its repeats.
+response tokens left after its repeats. With `tr_method: prompt_gain` (the spans preset) the prompt gain tells
+text the prompt grounds from text inserted into the response: an off-task span whose words outside the phrase
+are not grounded is masked whole, and a span above the lower fence `median + span_ungrounded_k * scale` that the
+prompt makes less likely is off-task as well.
 Every mode never masks a protected token and never leaves an example without a trainable token.
 """
 
@@ -42,6 +45,16 @@ only that phrase masked."""
 
 FENCE_ITERATIONS = 20
 """Spans mode: at most this many recomputations of the surprise fence over the spans below it."""
+
+GROUNDED_GAIN = 0.0
+"""Spans mode with the prompt gain: the rest of an off-task span (outside its most surprising phrase) is grounded
+when the prompt makes its words more likely on average; when it is not, the phrase is not a few odd words inside
+a real sentence, and the whole span is masked."""
+
+UNGROUNDED_GAIN = -0.1
+"""Spans mode with the prompt gain: a span below the surprise fence is off-task only when the prompt makes its
+words less likely by more than this (nats per word token) and it lies above `span_ungrounded_k`'s fence: an
+inserted line that is fluent enough to pass the fence but belongs to no prompt of the dataset's."""
 
 SPAN_BIT = 8
 """Reason bit added to the attribute's bit when a token was masked with its whole span: with TR, an off-task span;
@@ -418,6 +431,14 @@ def _select_spans(
     above_fence = (judged > fence) & ~spans.template
     spared = _not_above_own_response(above_fence, judged, spans, median, config.span_fence_k * scale)
     off_task = above_fence & ~spared
+    # the prompt gain is TR only with tr_method prompt_gain; vector TR says nothing about one prompt
+    gain = np.asarray(scores.tr, np.float64) if config.tr_method == "prompt_gain" else None
+    ungrounded = np.zeros_like(off_task)
+    ungrounded_fence = math.inf
+    if gain is not None and math.isfinite(fence):
+        ungrounded_fence = median + config.span_ungrounded_k * scale
+        below = (judged > ungrounded_fence) & ~above_fence & ~spans.template & (spans.mean(gain) <= UNGROUNDED_GAIN)
+        ungrounded = below & ~_not_above_own_response(below, judged, spans, median, config.span_ungrounded_k * scale)
     candidate = response & ~protected
     # each span's maskable tokens, as slices of one array sorted by span
     tokens = np.flatnonzero((spans.ids >= 0) & candidate)
@@ -434,9 +455,13 @@ def _select_spans(
     flagged[repeated] = drop[repeated] = repeat_bits
     budget = [math.floor(config.drop_ratio * int((response[part] & (drop[part] == 0)).sum()))
               for part in scores.example_slices()]
-    chosen = np.flatnonzero(off_task)
+    chosen = np.flatnonzero(off_task | ungrounded)
     for index in chosen[np.argsort(-span_surprise[chosen], kind="stable")].tolist():
-        members = _off_task_part(tokens[bounds[index] : bounds[index + 1]], token_surprise, spans.content, fence)
+        span = tokens[bounds[index] : bounds[index + 1]]
+        members = span if ungrounded[index] else _off_task_part(span, token_surprise, spans.content, fence)
+        if gain is not None and 0 < members.size < span.size and not _grounded(np.setdiff1d(span, members), gain,
+                                                                                   spans.content):
+            members = span
         flagged[members] = off_task_bits
         e = int(spans.example[index])
         if 0 < members.size <= budget[e]:
@@ -451,12 +476,23 @@ def _select_spans(
         "span_fence_k": config.span_fence_k,
         "spans": spans.n_spans,
         "template_spans": int(spans.template.sum()),
-        "off_task_spans": int(off_task.sum()),
+        "off_task_spans": int((off_task | ungrounded).sum()),
         "repeated_spans": int(spans.repeat.sum()),
         "dropped_spans": int(dropped_spans.size),
         "spared_spans": int(spared.sum()),
     }
-    return Selection(drop, flagged, np.full(n, np.nan, np.float32), thresholds, span_surprise, off_task)
+    if gain is not None:
+        thresholds["span_ungrounded_fence"] = None if math.isinf(ungrounded_fence) else round(ungrounded_fence, 4)
+        thresholds["span_ungrounded_k"] = config.span_ungrounded_k
+        thresholds["ungrounded_spans"] = int(ungrounded.sum())
+    return Selection(drop, flagged, np.full(n, np.nan, np.float32), thresholds, span_surprise, off_task | ungrounded)
+
+
+def _grounded(members: np.ndarray, gain: np.ndarray, content: np.ndarray) -> bool:
+    """Whether the prompt makes the word tokens among `members` more likely on average (True when none has a
+    gain: nothing speaks against the text)."""
+    words = members[content[members] & np.isfinite(gain[members])]
+    return words.size == 0 or float(gain[words].mean()) > GROUNDED_GAIN
 
 
 def _not_above_own_response(candidate: np.ndarray, span_surprise: np.ndarray, spans: Spans, median: float,
