@@ -873,12 +873,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "recipes": {name: asdict(recipe) for name, recipe in RECIPES.items()},
             "variants": {name: config.model_dump(mode="json", exclude={"cache_dir"}) for name, config in variants.items()}}))
         kept: dict[str, Any] = {}
-        if args.detect_sets is not None:
-            previous = json.loads(target.read_text()) if target.is_file() else {}
+        if args.detect_sets is not None and target.is_file():
+            previous = json.loads(target.read_text())
             # a file written before the task was recorded in it is of this task
             if {"task": args.task, **previous.get("settings", {})} != settings:
-                raise SystemExit(f"--detect-sets: {target} was made with other settings (or is missing); "
-                                 "run --detect on every set")
+                raise SystemExit(f"--detect-sets: {target} was made with other settings; run --detect on every set, "
+                                 "or write to another --out")
             kept = previous["detection"]
         found = detection(setup, variants, args.score_cache, args.detect_sets)
         document = {"settings": settings, "detection": {**kept, **found}, "machine": machine()}
