@@ -406,22 +406,24 @@ def cpu_seconds() -> float:
     return round(usage.ru_utime + usage.ru_stime, 1)
 
 
-def selections(scored: ScoredDataset, noise_fraction: float, tokenizer: Any, fence_ks: Sequence[float] = ()
-               ) -> dict[str, np.ndarray]:
-    """Reason bits per token of each selection compared (all from the same scores: no rescoring); the spans
-    preset also at each other `span_fence_k` of `fence_ks`."""
+def selections(scored: ScoredDataset, gained: ScoredDataset, noise_fraction: float, tokenizer: Any,
+               fence_ks: Sequence[float] = ()) -> dict[str, np.ndarray]:
+    """Reason bits per token of each selection compared: `scored` has the paper preset's scores (vector TR),
+    `gained` the spans preset's (TR = the prompt gain; the same RI and KN); every selection reads one of them,
+    none rescoring. The spans preset also at each other `span_fence_k` of `fence_ks`, and without the prompt gain
+    (what it selects from the paper preset's scores)."""
     drop_ratio = round(noise_fraction, 4)
     spans = find_spans(scored.input_ids, scored.offsets, scored.response, scored.texts, special_token_ids(tokenizer))
     result = {
-        "preset spans": select_tokens(scored.scores, scored.response, scored.protected, XTFConfig(preset="spans"),
-                                      spans).reasons,
+        "preset spans": gained.selection.reasons,
+        "preset spans without the prompt gain (tr_method vector)": select_tokens(
+            scored.scores, scored.response, scored.protected, XTFConfig(tr_method="vector"), spans).reasons,
         "preset paper (union)": scored.selection.reasons,
         "union tests before caps and ceiling": scored.selection.flagged,
     }
     for k in fence_ks:
-        config = XTFConfig(preset="spans", span_fence_k=k)
-        result[f"preset spans, span_fence_k={k:g}"] = select_tokens(scored.scores, scored.response, scored.protected,
-                                                                     config, spans).reasons
+        result[f"preset spans, span_fence_k={k:g}"] = select_tokens(
+            gained.scores, gained.response, gained.protected, XTFConfig(span_fence_k=k), gained.spans).reasons
     for scope in ("example", "dataset"):
         config = XTFConfig(mode="weighted", drop_ratio=drop_ratio, scope=scope)
         name = f"weighted, {scope} scope, drop_ratio={drop_ratio}"
@@ -429,10 +431,10 @@ def selections(scored: ScoredDataset, noise_fraction: float, tokenizer: Any, fen
     return result
 
 
-def auroc_table(scored: ScoredDataset, kinds: np.ndarray) -> dict[str, dict[str, float | None]]:
-    """AUROC per noise kind of each attribute score and of weighted mode's combined score."""
+def auroc_table(scored: ScoredDataset, gained: ScoredDataset, kinds: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """AUROC per noise kind of each attribute score, of the prompt gain and of weighted mode's combined score."""
     response = scored.response
-    attributes = {"RI": scored.scores.ri, "KN": scored.scores.kn, "TR": scored.scores.tr}
+    attributes = {"RI": scored.scores.ri, "KN": scored.scores.kn, "TR": scored.scores.tr, "gain": gained.scores.tr}
     for scope in ("example", "dataset"):
         combined, _ = combined_scores(scored.scores, response, XTFConfig(mode="weighted", scope=scope))
         attributes[f"combined ({scope})"] = combined
@@ -452,14 +454,14 @@ def markdown(results: dict[str, Any]) -> str:
     rows = [*(kind for kind in results["settings"]["kinds"] if kind in results["auroc"]), "all noise"]
     counts = results["counts"]
     lines = [
-        "| noise kind | noisy answers | noise tokens | base rate | AUROC RI | AUROC KN | AUROC TR | AUROC combined (example) | AUROC combined (dataset) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| noise kind | noisy answers | noise tokens | base rate | AUROC RI | AUROC KN | AUROC TR | AUROC prompt gain | AUROC combined (example) | AUROC combined (dataset) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group in rows:
         a = results["auroc"][group]
         cells = [
             f"{a[k]:.3f}" if a[k] is not None else "-"
-            for k in ("RI", "KN", "TR", "combined (example)", "combined (dataset)")
+            for k in ("RI", "KN", "TR", "gain", "combined (example)", "combined (dataset)")
         ]
         lines.append(
             f"| {group} | {counts['noisy_answers'][group]} | {counts['noise_tokens'][group]:,} | {counts['base_rate'][group]:.3f} | "
@@ -523,11 +525,12 @@ def main() -> None:
     data = tokenize_records(noisy_records, tokenizer, "auto", config.max_length, source=args.data)
     model = load_model("demo")
     scored = score_dataset(model, tokenizer, data, config, progress=sys.stderr.isatty(), use_cache=False)
+    gained = score_dataset(model, tokenizer, data, XTFConfig(), progress=sys.stderr.isatty(), use_cache=False)
     kinds, annotation, noisy = token_labels(scored, answers, tokenizer)
 
     response_tokens = int(scored.response.sum())
     noise_fraction = float((kinds > CLEAN).sum() / response_tokens)
-    chosen = selections(scored, noise_fraction, tokenizer, args.span_fence_k)
+    chosen = selections(scored, gained, noise_fraction, tokenizer, args.span_fence_k)
     clean_count = int((kinds == CLEAN).sum())
     results: dict[str, Any] = {
         "machine": machine,
@@ -538,7 +541,8 @@ def main() -> None:
             "quick": args.quick,
             "seed": args.seed,
             "noisy_fraction": args.noisy_fraction,
-            "xtf_config": "XTFConfig() (preset paper) scored once, cache off; preset spans selected from the same scores",
+            "xtf_config": "preset paper and preset spans (tr_method prompt_gain) each scored once, cache off; the other "
+                          "selections read one of the two",
             "kinds": list(args.kinds),
             "held_out_kinds": [kind for kind in args.kinds if kind in HELD_OUT],
             "token_rule": "noise if >= half of the token's characters were injected",
@@ -552,14 +556,16 @@ def main() -> None:
             "noise_tokens": {g: int(m.sum()) for g, m in groups(kinds).items()},
             "base_rate": {g: round(int(m.sum()) / (int(m.sum()) + clean_count), 4) for g, m in groups(kinds).items()},
         },
-        "auroc": auroc_table(scored, kinds),
+        "auroc": auroc_table(scored, gained, kinds),
         "drop_fraction": {name: round(float((d[scored.response] > 0).mean()), 4) for name, d in chosen.items()},
         "selections": {name: evaluate_drops(d, kinds) for name, d in chosen.items()},
         "calculator_annotations": {name: annotation_drops(d, kinds, annotation, noisy) for name, d in chosen.items()},
         "domain_words": scored.domain_words,
         "thresholds": scored.selection.thresholds,
+        "spans_thresholds": gained.selection.thresholds,
         "runtime": {
             **scored.stats,
+            "spans_scoring_seconds": gained.stats["scoring_seconds"],
             "wall_seconds": round(time.perf_counter() - started, 1),
             "cpu_seconds": cpu_seconds(),
         },

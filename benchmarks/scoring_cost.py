@@ -326,13 +326,19 @@ def whole_process(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     env = child_env({"threads": args.threads})
     score = [sys.executable, "-m", "xtf_plugin.cli", "score", "--model", args.model, "--data", str(data),
              "--no-cache", "--quiet", "--overwrite", "--out", str(work / "out")]
-    floor = [sys.executable, str(HERE), "--child", json.dumps({"task": "floor_process", "model": args.model,
-                                                              "data": str(data), "threads": args.threads})]
-    runs: dict[str, list[dict[str, float]]] = {"floor": [], "xtf": []}
+    commands = {
+        "xtf": score,
+        # the default scores the prompt gain in a second pass over the responses; this arm leaves it out
+        "xtf_vector": [*score[:-2], "--set", "tr_method=vector", "--out", str(work / "out-vector")],
+        "floor": [sys.executable, str(HERE), "--child", json.dumps({"task": "floor_process", "model": args.model,
+                                                                    "data": str(data), "threads": args.threads})],
+    }
+    arms = list(commands)
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     for rep in range(args.repeats):
-        for arm in (("xtf", "floor") if rep % 2 == 0 else ("floor", "xtf")):
-            runs[arm].append(measure_process(score if arm == "xtf" else floor, env))
-            print(f"  whole process, repeat {rep} {arm:5s} {runs[arm][-1]}", flush=True)
+        for arm in arms[rep % 3:] + arms[: rep % 3]:
+            runs[arm].append(measure_process(commands[arm], env))
+            print(f"  whole process, repeat {rep} {arm:10s} {runs[arm][-1]}", flush=True)
     summary = json.loads((work / "out" / "summary.json").read_text())
     return {"examples": n, "tokens": summary["tokens_scored_by_model"], "runs": runs}
 
@@ -391,6 +397,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _by(samples: list[dict[str, Any]], arm: str, length: int) -> dict[int, dict[str, Any]]:
     return {s["repeat"]: s for s in samples if s["arm"] == arm and s["length"] == length}
+
+
+def process_summary(process: dict[str, Any]) -> dict[str, Any]:
+    """Medians and paired ratios of the whole-process arms (a file from before the `xtf_vector` arm has none)."""
+    runs = process["runs"]
+    row = {"examples": process["examples"], "tokens": process["tokens"],
+           "floor_seconds": median([r["seconds"] for r in runs["floor"]]),
+           "floor_peak_mib": median([r["peak_mib"] for r in runs["floor"]])}
+    for arm, name in (("xtf", ""), ("xtf_vector", "vector_")):
+        if arm in runs:
+            row[f"xtf_{name}seconds"] = median([r["seconds"] for r in runs[arm]])
+            row[f"{name}time_ratio"] = round(median([x["seconds"] / f["seconds"]
+                                                     for x, f in zip(runs[arm], runs["floor"], strict=True)]), 3)
+            row[f"xtf_{name}peak_mib"] = median([r["peak_mib"] for r in runs[arm]])
+            row[f"{name}peak_ratio"] = ratio(row[f"xtf_{name}peak_mib"], row["floor_peak_mib"])
+    return row
+
+
+def process_table(p: dict[str, Any]) -> list[str]:
+    """The whole-process table (markdown lines)."""
+    out = ["", f"### Whole process: `xtf score` vs the floor's process ({p['examples']} GSM8K rows, {p['tokens']} tokens)", ""]
+    rows = [["default (prompt gain)", f"{p['floor_seconds']:.2f}", f"{p['xtf_seconds']:.2f}", f"**{p['time_ratio']:.3f}**",
+             f"{p['floor_peak_mib']:.0f} / {p['xtf_peak_mib']:.0f}", f"{p['peak_ratio']:.3f}"]]
+    if "vector_time_ratio" in p:
+        rows.append(["`tr_method: vector`", f"{p['floor_seconds']:.2f}", f"{p['xtf_vector_seconds']:.2f}",
+                     f"**{p['vector_time_ratio']:.3f}**", f"{p['floor_peak_mib']:.0f} / {p['xtf_vector_peak_mib']:.0f}",
+                     f"{p['vector_peak_ratio']:.3f}"])
+    out.append(markdown_table(["xtf score", "floor s", "xtf score s", "time ratio", "peak MiB floor / XTF", "peak ratio"], rows))
+    return out
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -468,20 +503,9 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "rerun_share": round(median([r["rerun_seconds"] / r["first_seconds"] for r in cache_runs]), 4),
         "rerun_forward_passes": max(r["rerun_forward_passes"] for r in cache_runs),
     }
-    runs = raw["whole_process"]["runs"]
-    process_row = {
-        "examples": raw["whole_process"]["examples"],
-        "tokens": raw["whole_process"]["tokens"],
-        "floor_seconds": median([r["seconds"] for r in runs["floor"]]),
-        "xtf_seconds": median([r["seconds"] for r in runs["xtf"]]),
-        "time_ratio": round(median([x["seconds"] / f["seconds"] for x, f in zip(runs["xtf"], runs["floor"], strict=True)]), 3),
-        "floor_peak_mib": median([r["peak_mib"] for r in runs["floor"]]),
-        "xtf_peak_mib": median([r["peak_mib"] for r in runs["xtf"]]),
-    }
-    process_row["peak_ratio"] = ratio(process_row["xtf_peak_mib"], process_row["floor_peak_mib"])
     shape = raw["shape"]
     return {
-        "whole_process": process_row,
+        "whole_process": process_summary(raw["whole_process"]),
         "shape": shape["rows"],
         "shape_model": f"random {shape['shape']} shape, {shape['layers']} layers ({shape['captured_layers']} captured)",
         "shape_computed": [] if shape["shape"] == "tiny" else [*estimate_full(shape, "1B"), *estimate_full(shape, "8B")],
@@ -545,11 +569,7 @@ def tables(summary: dict[str, Any], official_max: int) -> str:
             [[c["examples"], c["tokens"], f"{c['first_seconds']:.2f}", f"{c['rerun_seconds']:.3f}", f"**{100 * c['rerun_share']:.2f}%**", c["rerun_forward_passes"]]],
         )
     )
-    p = summary["whole_process"]
-    out += ["", f"### Whole process: `xtf score` vs the floor's process ({p['examples']} GSM8K rows, {p['tokens']} tokens)", ""]
-    out.append(markdown_table(["floor s", "xtf score s", "time ratio", "peak MiB floor / XTF", "peak ratio"],
-                              [[f"{p['floor_seconds']:.2f}", f"{p['xtf_seconds']:.2f}", f"**{p['time_ratio']:.3f}**",
-                                f"{p['floor_peak_mib']:.0f} / {p['xtf_peak_mib']:.0f}", f"{p['peak_ratio']:.3f}"]]))
+    out += process_table(summary["whole_process"])
     out += ["", f"### Model shape: {summary['shape_model']} (measured)", ""]
     out.append(markdown_table(
         ["length", "examples", "floor s", "XTF s", "time ratio", "LM head s", "relevance table s", "XTF forward loop s"],
@@ -575,6 +595,8 @@ def main() -> None:
     parser.add_argument("--process-examples", type=int, default=60, help="GSM8K rows of the whole-process arms")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads per process (0: torch's default)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only-process", action="store_true",
+                        help="only the whole-process arms (results/scoring_cost_process.json unless --out)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -588,9 +610,21 @@ def main() -> None:
             emit({"scaling": child_scaling, "cache": child_cache, "shape": child_shape}[spec["task"]](spec))
         return
     args.repeats = args.repeats or (1 if args.quick else 3)
-    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "scoring_cost.quick.json" if args.quick else RESULTS / "scoring_cost.json")
+    name = "scoring_cost_process" if args.only_process else "scoring_cost"
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / f"{name}.quick.json" if args.quick else RESULTS / f"{name}.json")
     set_threads(args.threads)
     info = machine_info()
+    if args.only_process:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="xtf-bench-process-") as work:
+            process = whole_process(args, Path(work))
+        process["wall_seconds"] = round(time.perf_counter() - started, 1)
+        write_json(out, {"machine": info, "settings": {"model": args.model, "repeats": args.repeats,
+                                                       "threads": args.threads, "quick": args.quick},
+                         "summary": {"whole_process": process_summary(process)}, "raw": {"whole_process": process}})
+        print("\n".join(process_table(process_summary(process))))
+        print(f"\nwrote {out} ({process['wall_seconds']:.0f} s)")
+        return
     raw = run(args)
     summary = summarize(raw)
     payload = {
@@ -602,7 +636,8 @@ def main() -> None:
             "official_max_length": raw["official_max_length"],
             "official_skipped_above": "output_attentions=True returns every layer's [heads, L, L] probabilities: at 4096 "
             "tokens 30 x 9 x 4096^2 x 4 B = 18 GiB for the demo model, more than the 2-core benchmark machine's memory",
-            "xtf_config": "defaults (ri_layers middle, tr vector/hidden/centred, batch_size 8), cache off except the cache test",
+            "xtf_config": "defaults (the spans preset: ri_layers middle, tr_method prompt_gain, batch_size 8), cache off "
+                          "except the cache test; the whole-process arms also with tr_method vector",
             "floor": "decoder forward (SDPA, no mask without padding), then the LM head and a float32 log-probability "
             "only at response positions, in length-sorted batches of at most 2,048 tokens (_common.floor_forward)",
             "shape": f"random-initialised Llama-3.2-1B shape with {SHAPE_LAYERS} of its 16 layers (timing only)",

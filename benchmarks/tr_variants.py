@@ -118,7 +118,7 @@ def main() -> None:
     results = {}
     for name, settings in VARIANTS.items():
         started = time.perf_counter()
-        scored = score_dataset(model, tokenizer, data, XTFConfig(**settings), progress=False)
+        scored = score_dataset(model, tokenizer, data, XTFConfig(**{"tr_method": "vector", **settings}), progress=False)
         noise = noise_token_mask(scored, records, spans)
         response = scored.response & np.isfinite(scored.scores.kn)
         tr = np.where(response, scored.scores.tr, np.nan)

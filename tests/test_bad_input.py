@@ -277,7 +277,7 @@ def test_nan_domain_word_vector_names_the_token(nan_model_dir, tiny_tokenizer, t
     rows = gsm8k_rows(3)
     assert not any(poison in row["question"] + row["answer"] for row in rows)
     (token,) = tiny_tokenizer(poison, add_special_tokens=False)["input_ids"]
-    out, config = tmp_path / "out", write_config(tmp_path / "xtf.yaml", {"tr_domain_words": ["sum", poison]})
+    out, config = tmp_path / "out", write_config(tmp_path / "xtf.yaml", {"tr_method": "vector", "tr_domain_words": ["sum", poison]})
     result = score(directory, write_jsonl(tmp_path / "rows.jsonl", rows), out, "--config", config)
     assert_clean_error(result, out, "NaN", f"token id {token}", "TR domain words")
     cached = [p.relative_to(cache_dir).parts for p in cache_dir.rglob("*.npz")]

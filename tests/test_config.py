@@ -131,9 +131,14 @@ def test_cross_field_checks():
     assert load_xtf_config({"tr_otsu_classes": 3, "tr_mask_classes": [2, 0, 2]}).tr_mask_classes == [0, 2]
     message = config_error({"tr_domain": "words"})
     assert message == "xtf: tr_domain is 'words' but tr_domain_words is empty"
-    message = config_error({"tr_domain": "auto", "tr_domain_words": ["sum"]})
+    # the spans preset scores TR as the prompt gain, which has no domain: words set for it would be ignored
+    message = config_error({"tr_domain_words": ["sum"]})
+    assert message == ("xtf: tr_domain_words is only read with tr_method: vector (tr_method is prompt_gain, the "
+                       "spans preset's): set tr_method: vector, or remove it")
+    assert load_xtf_config({"preset": "paper", "tr_domain_words": ["sum"]}).domain_source == "words"
+    message = config_error({"tr_method": "vector", "tr_domain": "auto", "tr_domain_words": ["sum"]})
     assert "tr_domain is 'auto' but tr_domain_words is set" in message
-    assert load_xtf_config({"tr_domain_words": ["sum", "total"]}).domain_source == "words"
+    assert load_xtf_config({"tr_method": "vector", "tr_domain_words": ["sum", "total"]}).domain_source == "words"
     assert config_error({"soft": True}) == "xtf: soft: true needs mode: weighted"
     assert load_xtf_config({"soft": True, "mode": "weighted"}).soft is True
 
@@ -155,8 +160,8 @@ SELECTION_CHANGES = [
     {"mode": "weighted", "scope": "dataset"},
     {"weights": {"novelty": 0}},
     {"drop_ratio": 0.3},
-    {"preset": "paper"},
     {"span_fence_k": 2.0},
+    {"span_ungrounded_k": 2.0},
     {"caps": {"reasoning": 0.5, "novelty": 0.01}},
     {"protect": ["^#### .*"]},
     {"kn_p_threshold": 0.5},
@@ -171,8 +176,8 @@ SELECTION_CHANGES = [
 
 @pytest.mark.parametrize("change", SELECTION_CHANGES)
 def test_selection_settings_do_not_change_scorer_settings(change):
-    base = XTFConfig()
     changed = load_xtf_config(change)
+    base = XTFConfig(preset=changed.preset)  # a mode other than spans implies the paper preset
     assert changed != base
     assert changed.scorer_settings() == base.scorer_settings()
     assert changed.relevance_settings() == base.relevance_settings()
@@ -184,7 +189,9 @@ def test_selection_settings_do_not_change_scorer_settings(change):
         {"ri_layers": "all"},
         {"ri_layers": [0, 1]},
         {"ri_exclude_sink": False},
-        {"tr_method": "prompt_gain"},
+        {"tr_method": "vector"},
+        # the presets score TR differently (spans: the prompt gain, paper: the vector cosine)
+        {"preset": "paper"},
     ],
 )
 def test_scorer_settings_change(change):
@@ -196,9 +203,10 @@ def test_scorer_settings_change(change):
     [{"tr_space": "embedding"}, {"tr_center": False}, {"tr_domain_words": ["sum"]}, {"tr_domain_top_k": 8}],
 )
 def test_relevance_settings_change(change):
-    changed = load_xtf_config(change)
-    assert changed.relevance_settings() != XTFConfig().relevance_settings()
-    assert changed.scorer_settings() == XTFConfig().scorer_settings()
+    # vector TR is the paper preset's
+    changed, base = load_xtf_config({"preset": "paper", **change}), XTFConfig(preset="paper")
+    assert changed.relevance_settings() != base.relevance_settings()
+    assert changed.scorer_settings() == base.scorer_settings()
 
 
 # --- load_xtf_config_file ---------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ def test_kn_and_ri_match_reference(name, spec, exclude_sink, models, reference_o
     ids, labels = all_examples[name]
     layers = MODELS[name][1][spec]
     ri_layers = list(spec) if isinstance(spec, tuple) else spec
-    config = XTFConfig(ri_layers=ri_layers, ri_exclude_sink=exclude_sink, batch_size=4)
+    config = XTFConfig(ri_layers=ri_layers, ri_exclude_sink=exclude_sink, tr_method="vector", batch_size=4)
     scores = score_forward(models[name], ids, labels, config, progress=False)
     forwards = reference_outputs[name]
     assert_close(per_example(scores, "kn"), [reference_kn(f, x, y) for f, x, y in zip(forwards, ids, labels, strict=True)], what="KN")
@@ -714,7 +714,7 @@ def test_score_dataset_end_to_end(models, references, tiny_tokenizer, tmp_path):
     data = tokenize_records(rows, tiny_tokenizer, format="alpaca", max_length=40)
     assert all(len(x) <= 40 for x in data.input_ids) and not data.no_response
     words = ["apples", "dollars", "total"]
-    config = XTFConfig(tr_domain_words=words, ri_layers="all", batch_size=3, cache_dir=str(tmp_path / "cache"))
+    config = XTFConfig(tr_method="vector", tr_domain_words=words, ri_layers="all", batch_size=3, cache_dir=str(tmp_path / "cache"))
     model = models["gqa"]
     scored = score_dataset(model, tiny_tokenizer, data, config, progress=False, use_cache=False)
     direct = score_forward(model, data.input_ids, data.labels, config, progress=False)

@@ -219,20 +219,40 @@ def test_with_the_prompt_gain_a_line_the_prompt_makes_less_likely_is_off_task_be
         return selection_with_gain(tiny_tokenizer, UNGROUNDED_LINES, UNGROUNDED_P, gains, **config)[:2]
 
     # the inserted line's surprise 1.139 is below the fence (k = 3: 1.210) and above span_ungrounded_k's (2.5: 1.127)
-    spans, selection = select(-0.4, tr_method="prompt_gain")
+    spans, selection = select(-0.4)  # the spans preset scores the prompt gain
     assert spans.texts == UNGROUNDED_LINES
     line = spans.ids == 2
     assert (selection.reasons[line] == 4 | SPAN_BIT).all() and (selection.reasons[~line] == 0).all()
     assert selection.thresholds["span_surprise_fence"] == pytest.approx(1.210, abs=2e-3)
     assert selection.thresholds["span_ungrounded_fence"] == pytest.approx(1.127, abs=2e-3)
     assert (selection.thresholds["ungrounded_spans"], selection.thresholds["off_task_spans"]) == (1, 1)
+    # both reports say why the line went
+    from rich.console import Console
+
+    from xtf_plugin.pipeline import ScoredDataset
+    from xtf_plugin.report.html import _thresholds_rows
+    from xtf_plugin.report.summary import render_summary, summarize
+
+    rule = dict(_thresholds_rows({"thresholds": selection.thresholds}, {}))["prompt gain"]
+    assert rule.startswith("also off-task: a span above 1.13 nats") and "makes less likely (1 spans)" in rule
+    ids, response, offsets = encode(tiny_tokenizer, [("Q\n", "".join(UNGROUNDED_LINES))])
+    n = len(ids)
+    scored = ScoredDataset(
+        input_ids=ids, labels=np.where(response, ids, -100), offsets=offsets,
+        scores=TokenScores(offsets, np.full(n, np.nan), np.where(response, 0.5, np.nan), np.full(n, np.nan)),
+        protected=ids == tiny_tokenizer.eos_token_id, selection=selection, config=XTFConfig(),
+        texts=TokenTexts(tiny_tokenizer), spans=spans,
+        stats={"scoring_seconds": 1.0, "tokens_per_second": 1.0, "cached_shards": 0})
+    console = Console(record=True, width=200)
+    render_summary(summarize(scored), console=console)
+    assert "below the fence, made less likely by the prompt (off-task)" in console.export_text()
     # a line the prompt makes only a little less likely, or one the prompt grounds, stays; so does the line when
     # the lower fence is above it
     for gain, config in ((-0.05, {}), (0.2, {}), (-0.4, {"span_ungrounded_k": 2.8})):
-        _, kept = select(gain, tr_method="prompt_gain", **config)
+        _, kept = select(gain, **config)
         assert (kept.reasons == 0).all() and kept.thresholds["ungrounded_spans"] == 0, (gain, config)
     # vector TR is no prompt gain: the same numbers in the TR column change nothing, and the rule reports nothing
-    _, vector = select(-0.4)
+    _, vector = select(-0.4, tr_method="vector")
     assert (vector.reasons == 0).all() and "ungrounded_spans" not in vector.thresholds
 
 
@@ -243,7 +263,7 @@ def test_with_the_prompt_gain_an_off_task_span_whose_rest_is_not_grounded_goes_w
     for rest_gain, whole in ((0.7, False), (0.0, True), (-0.5, True)):
         spans, selection, phrase = selection_with_gain(
             tiny_tokenizer, lines, p, [0.8, 0.5, rest_gain, 0.6, 0.3, 0.4], phrase_text=" blue moon singing",
-            phrase_gain=-2.0, tr_method="prompt_gain")
+            phrase_gain=-2.0)
         # a real sentence around a few odd words keeps its words; a line with nothing the prompt grounds around
         # its surprising phrase is not a real sentence
         expected = (spans.ids == 2) if whole else phrase

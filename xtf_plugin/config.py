@@ -5,10 +5,12 @@ field defaults below); keys a user sets override the preset's. Fields fall into 
 matters for the score cache:
 
 * scorer settings (`ri_layers`, `ri_exclude_sink`, `tr_*`) change what the model computes; changing one re-runs
-  the model (`max_length` only changes the token ids `xtf score` gives the model, which the cache key holds);
-* selection settings (`preset`, `mode`, `action`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_p_threshold`, `ri_fence_k`,
-  `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `protect`) only change which scored tokens are masked; changing
-  them never re-runs the model.
+  the model (`max_length` only changes the token ids `xtf score` gives the model, which the cache key holds).
+  The presets differ in one of them (`tr_method`), so a change between `spans` and `paper` (or a `mode` that
+  implies `paper`) scores once more;
+* selection settings (`mode`, `action`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_p_threshold`, `ri_fence_k`,
+  `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `span_ungrounded_k`, `protect`) only change which scored
+  tokens are masked; changing them never re-runs the model.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # departures that make each test select anything at all (docs/method.md, "How the scores are computed").
     "paper": {},
     # Spans are whole lines, sentences and phrases: taken out of the input they leave a cleaned response, which
-    # measured better than masking them in place on both downstream tasks (benchmarks/README.md).
-    "spans": {"mode": "spans", "drop_ratio": 0.5, "action": "remove"},
+    # measured better than masking them in place on both downstream tasks; the prompt gain tells inserted lines
+    # from the response's own, at the cost of a second forward pass over the responses (benchmarks/README.md).
+    "spans": {"mode": "spans", "drop_ratio": 0.5, "action": "remove", "tr_method": "prompt_gain"},
 }
 """Preset name -> the settings it gives; keys a user sets override them (mappings merged key by key)."""
 
@@ -295,6 +298,10 @@ class XTFConfig(_Strict):
             raise ValueError("tr_domain is 'words' but tr_domain_words is empty")
         if self.tr_domain == "auto" and self.tr_domain_words:
             raise ValueError("tr_domain is 'auto' but tr_domain_words is set: remove one of them")
+        if self.tr_method == "prompt_gain" and (self.tr_domain_words or self.tr_domain):
+            key = "tr_domain_words" if self.tr_domain_words else "tr_domain"
+            raise ValueError(f"{key} is only read with tr_method: vector (tr_method is prompt_gain, the spans "
+                             "preset's): set tr_method: vector, or remove it")
         if self.soft and self.mode != "weighted":
             raise ValueError("soft: true needs mode: weighted")
         if self.soft and self.action == "remove":

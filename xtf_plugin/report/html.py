@@ -170,6 +170,12 @@ def _thresholds_rows(summary: dict[str, Any], config: dict[str, Any]) -> list[tu
                if "spared_spans" in thresholds else "")
             + f", {thresholds['template_spans']:,} templates never masked"
         ) if fence is not None else "no spread in span surprise: nothing is off-task"))
+        if thresholds.get("span_ungrounded_fence") is not None:
+            rows.append(("prompt gain", (
+                f"also off-task: a span above {_fmt(thresholds['span_ungrounded_fence'])} nats (median + "
+                f"{_esc(thresholds['span_ungrounded_k'])} x {_fmt(thresholds['span_surprise_scale'])}) that the prompt "
+                f"makes less likely ({thresholds['ungrounded_spans']:,} spans); an off-task span whose words around its "
+                "surprising phrase the prompt does not make more likely is masked whole")))
         if "repeated_spans" in thresholds:
             rows.append(("repeats", f"{thresholds['repeated_spans']:,} spans said again right after themselves, "
                                     "word for word (the first time stays)"))

@@ -179,6 +179,9 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
         spared = (summary.get("thresholds") or {}).get("spared_spans")
         if spared:
             reasons.append(("  above the fence, like the rest of their response (kept)", f"{spared:,}"))
+        ungrounded = (summary.get("thresholds") or {}).get("ungrounded_spans")
+        if ungrounded:
+            reasons.append(("  below the fence, made less likely by the prompt (off-task)", f"{ungrounded:,}"))
     rows: Sequence[tuple[str, str]] = [
         ("examples", f"{summary['examples']:,}"),
         ("truncated to max_length", f"{summary['examples_truncated']:,}"),
