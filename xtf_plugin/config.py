@@ -210,7 +210,8 @@ class XTFConfig(_Strict):
     tr_method: Literal["vector", "prompt_gain"] = Field(
         "vector",
         description="TR: vector = cosine of the token's context-free vector to the domain vector (paper); "
-        "prompt_gain = log p(token | prompt, prefix) - log p(token | prefix) (second forward pass).",
+        "prompt_gain = log p(token | prompt, prefix) - log p(token | prefix) (second forward pass; the spans "
+        "preset's, whose selection reads it: see span_ungrounded_k).",
     )
     tr_space: Literal["hidden", "embedding"] = Field(
         "hidden",
