@@ -7,6 +7,7 @@ expected decision follows from the fence computed in the comment next to it.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -213,7 +214,8 @@ UNGROUNDED_P = [0.5, 0.6, 0.32, 0.4, 0.55, 0.45, 0.52, 0.48, 0.58, 0.44]
 GROUNDED_GAINS = [0.8, 0.5, None, 0.6, 0.3, 0.4, 0.7, 0.2, 0.5, 0.4]
 
 
-def test_with_the_prompt_gain_a_line_the_prompt_makes_less_likely_is_off_task_below_the_fence(tiny_tokenizer):
+def test_with_the_prompt_gain_a_line_the_prompt_makes_less_likely_is_off_task_below_the_fence(tiny_tokenizer, tiny_model_dir,
+                                                                                                tmp_path):
     def select(line_gain, **config):
         gains = [line_gain if g is None else g for g in GROUNDED_GAINS]
         return selection_with_gain(tiny_tokenizer, UNGROUNDED_LINES, UNGROUNDED_P, gains, **config)[:2]
@@ -244,8 +246,21 @@ def test_with_the_prompt_gain_a_line_the_prompt_makes_less_likely_is_off_task_be
         texts=TokenTexts(tiny_tokenizer), spans=spans,
         stats={"scoring_seconds": 1.0, "tokens_per_second": 1.0, "cached_shards": 0})
     console = Console(record=True, width=200)
-    render_summary(summarize(scored), console=console)
-    assert "below the fence, made less likely by the prompt (off-task)" in console.export_text()
+    summary = summarize(scored)
+    render_summary(summary, console=console)
+    text = console.export_text()
+    assert "below the fence, made less likely by the prompt (off-task)" in text
+    # the span itself names the rule that took it, with its mean prompt gain
+    assert summary["dropped_spans"]["most_surprising"] == [
+        {"example": 0, "surprise": pytest.approx(1.139, abs=2e-3), "text": UNGROUNDED_LINES[2], "why": "not grounded",
+         "prompt_gain": pytest.approx(-0.4, abs=1e-3)}]
+    assert re.search(r"-0\.40 +│ not grounded +│ 'Posted by user 8812", text)
+    from xtf_plugin.output import attach_texts, read_output_dir, write_output_dir
+    from xtf_plugin.report.html import write_html
+
+    out = write_output_dir(tmp_path / "scored", scored, {**summary, "model": str(tiny_model_dir), "data": "hand-made"})
+    page = write_html(attach_texts(read_output_dir(out)), tmp_path / "report.html").read_text()
+    assert "<td class='num'>-0.40</td><td>not grounded</td>" in page
     # a line the prompt makes only a little less likely, or one the prompt grounds, stays; so does the line when
     # the lower fence is above it
     for gain, config in ((-0.05, {}), (0.2, {}), (-0.4, {"span_ungrounded_k": 2.8})):
@@ -493,7 +508,6 @@ def test_score_dataset_in_spans_mode(tiny_model, tiny_tokenizer, cache_dir):
 def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model_dir, tmp_path):
     """A selection made in spans mode, written by the real output writer and read back by `xtf report`."""
     import json
-    import re
     import shutil
     import subprocess
 
@@ -522,7 +536,8 @@ def test_report_shows_each_masked_span_and_its_reason(tiny_tokenizer, tiny_model
     summary = {**summarize(scored), "model": str(tiny_model_dir), "data": "hand-made"}
     assert summary["dropped_spans"]["dropped_spans"] == 2 and summary["dropped_spans"]["dropped_repeats"] == 1
     assert summary["dropped_spans"]["most_surprising"] == [
-        {"example": 0, "surprise": pytest.approx(6.908, abs=1e-3), "text": "Blue moon singing quietly tonight.\n"}]
+        {"example": 0, "surprise": pytest.approx(6.908, abs=1e-3), "text": "Blue moon singing quietly tonight.\n",
+         "why": "surprising", "prompt_gain": None}]  # the hand-made scores have no prompt gain
     assert "removed 1 off-task and 1 repeated spans of 7 in 1 examples" in summary_line(summary)
     out = write_output_dir(tmp_path / "scored", scored, summary)
 

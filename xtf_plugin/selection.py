@@ -76,6 +76,10 @@ class Selection:
         thresholds: the thresholds actually used (JSON-serialisable), for the summary and report.
         span_surprise: spans mode: float64 `[n_spans]`, each span's mean surprise (None in other modes).
         span_off_task: spans mode: bool `[n_spans]`, spans judged off-task (before the per-example ceiling).
+        span_ungrounded: spans mode with the prompt gain: bool `[n_spans]`, the off-task spans below the surprise
+            fence, judged off-task because the prompt makes them less likely (None without the prompt gain).
+        span_gain: spans mode with the prompt gain: float64 `[n_spans]`, each span's mean prompt gain over its
+            word tokens (nats; None without the prompt gain).
     """
 
     reasons: np.ndarray
@@ -84,6 +88,8 @@ class Selection:
     thresholds: dict[str, Any] = field(default_factory=dict)
     span_surprise: np.ndarray | None = None
     span_off_task: np.ndarray | None = None
+    span_ungrounded: np.ndarray | None = None
+    span_gain: np.ndarray | None = None
 
     @property
     def keep(self) -> np.ndarray:
@@ -433,11 +439,12 @@ def _select_spans(
     off_task = above_fence & ~spared
     # the prompt gain is TR only with tr_method prompt_gain; vector TR says nothing about one prompt
     gain = np.asarray(scores.tr, np.float64) if config.tr_method == "prompt_gain" else None
+    span_gain = spans.mean(gain) if gain is not None else None
     ungrounded = np.zeros_like(off_task)
     ungrounded_fence = math.inf
-    if gain is not None and math.isfinite(fence):
+    if span_gain is not None and math.isfinite(fence):
         ungrounded_fence = median + config.span_ungrounded_k * scale
-        below = (judged > ungrounded_fence) & ~above_fence & ~spans.template & (spans.mean(gain) <= UNGROUNDED_GAIN)
+        below = (judged > ungrounded_fence) & ~above_fence & ~spans.template & (span_gain <= UNGROUNDED_GAIN)
         ungrounded = below & ~_not_above_own_response(below, judged, spans, median, config.span_ungrounded_k * scale)
     candidate = response & ~protected
     # each span's maskable tokens, as slices of one array sorted by span
@@ -485,7 +492,8 @@ def _select_spans(
         thresholds["span_ungrounded_fence"] = None if math.isinf(ungrounded_fence) else round(ungrounded_fence, 4)
         thresholds["span_ungrounded_k"] = config.span_ungrounded_k
         thresholds["ungrounded_spans"] = int(ungrounded.sum())
-    return Selection(drop, flagged, np.full(n, np.nan, np.float32), thresholds, span_surprise, off_task | ungrounded)
+    return Selection(drop, flagged, np.full(n, np.nan, np.float32), thresholds, span_surprise, off_task | ungrounded,
+                     ungrounded if gain is not None else None, span_gain)
 
 
 def _grounded(members: np.ndarray, gain: np.ndarray, content: np.ndarray) -> bool:

@@ -21,6 +21,7 @@ from xtf_plugin.report.summary import (
     pairwise_overlaps,
     reason_combinations,
     reason_counts,
+    span_gain_text,
     top_dropped_tokens,
 )
 
@@ -277,16 +278,23 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
         off_task, repeats = dropped_span_counts(spans)
         rows.append((f"spans {filtered_verb(summary)}", f"{spans['dropped_spans']:,} of {spans['spans']:,} in "
                      f"{spans['examples_with_a_dropped_span']:,} examples: {off_task:,} off-task, {repeats:,} repeats"))
+        explained = any("why" in item for item in spans["most_surprising"])
         items = "".join(
             f"<tr><td class='num'>#{item['example']}</td><td class='num'>{item['surprise']:.2f}</td>"
-            f"<td><code>{_esc(json.dumps(item['text'], ensure_ascii=False))}</code></td></tr>"
+            + (f"<td class='num'>{span_gain_text(item.get('prompt_gain'))}</td><td>{_esc(item.get('why', ''))}</td>"
+               if explained else "")
+            + f"<td><code>{_esc(json.dumps(item['text'], ensure_ascii=False))}</code></td></tr>"
             for item in spans["most_surprising"]
         )
+        gain_note = ("; prompt gain: how much more likely the prompt makes its word tokens (nats); why: above the "
+                     "surprise fence (surprising), or below it and made less likely by the prompt (not grounded)"
+                     if explained else "")
+        headings = "<th>example</th><th>surprise</th>" + ("<th>prompt gain</th><th>why</th>" if explained else "") + "<th>span</th>"
         spans_html = (
             f"<section><h2>{filtered_verb(summary).capitalize()} spans</h2><p class='note'>the most surprising off-task "
-            f"spans (mean -log p of their word tokens, nats); each was {filtered_verb(summary)} whole, or only its "
-            "surprising phrase</p><table><tr><th>example</th><th>surprise</th><th>span</th></tr>"
-            + (items or "<tr><td colspan='3'>none</td></tr>") + "</table></section>"
+            f"spans (mean -log p of their word tokens, nats){gain_note}; each was {filtered_verb(summary)} whole, or "
+            f"only its surprising phrase</p><table><tr>{headings}</tr>"
+            + (items or f"<tr><td colspan='{5 if explained else 3}'>none</td></tr>") + "</table></section>"
         )
     hists = score_histograms({"reasoning": scored.scores.ri, "novelty": scored.scores.kn, "relevance": scored.scores.tr}, response, drop, summary)
     tops = top_dropped_tokens(scored.input_ids, drop, scored.texts, limit=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from itertools import combinations
@@ -48,7 +49,9 @@ def top_dropped_tokens(
 
 def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
     """Spans mode: how many spans were masked (off-task or repeated), and the most surprising off-task ones with
-    their example, text and mean surprise (nats per word token); None in the other modes."""
+    their example, text, mean surprise (nats per word token) and why they are off-task: `surprising` (above the
+    surprise fence) or, with the prompt gain, `not grounded` (below it, and the prompt makes the span less likely;
+    `prompt_gain` is the span's mean gain in nats per word token); None in the other modes."""
     selection, spans = scored.selection, scored.spans
     if selection.span_surprise is None or spans is None:
         return None
@@ -66,11 +69,18 @@ def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
         "dropped_spans": int(dropped.size),
         "dropped_repeats": int(repeated.size),
         "examples_with_a_dropped_span": int(np.unique(spans.example[dropped]).size),
-        "most_surprising": [
-            {"example": int(spans.example[i]), "surprise": round(float(selection.span_surprise[i]), 3), "text": spans.texts[i]}
-            for i in order
-        ],
+        "most_surprising": [_span_item(selection, spans, int(i)) for i in order],
     }
+
+
+def _span_item(selection: Any, spans: Any, index: int) -> dict[str, Any]:
+    item = {"example": int(spans.example[index]), "surprise": round(float(selection.span_surprise[index]), 3),
+            "text": spans.texts[index]}
+    if selection.span_gain is not None:
+        gain = float(selection.span_gain[index])
+        item["why"] = "not grounded" if selection.span_ungrounded[index] else "surprising"
+        item["prompt_gain"] = round(gain, 3) if math.isfinite(gain) else None
+    return item
 
 
 def summarize(scored: Any) -> dict[str, Any]:
@@ -108,6 +118,11 @@ def summarize(scored: Any) -> dict[str, Any]:
         **({"dropped_spans": spans} if (spans := dropped_spans(scored)) is not None else {}),
         **scored.stats,
     }
+
+
+def span_gain_text(gain: float | None) -> str:
+    """A span's mean prompt gain as shown in the reports (nats per word token)."""
+    return "-" if gain is None else f"{gain:+.2f}"
 
 
 def filtered_verb(summary: dict[str, Any]) -> str:
@@ -199,9 +214,14 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
         shown = Table(title=f"most surprising {filtered_verb(summary)} spans", show_header=True)
         shown.add_column("example", justify="right")
         shown.add_column("surprise", justify="right")
+        explained = any("why" in item for item in spans["most_surprising"])
+        if explained:
+            shown.add_column("prompt gain", justify="right")
+            shown.add_column("why")
         shown.add_column("span")
         for item in spans["most_surprising"][:10]:
-            shown.add_row(str(item["example"]), f"{item['surprise']:.2f}", repr(item["text"]))
+            why = [span_gain_text(item.get("prompt_gain")), item.get("why", "")] if explained else []
+            shown.add_row(str(item["example"]), f"{item['surprise']:.2f}", *why, repr(item["text"]))
         console.print(shown)
         return
     tops = Table(title="most dropped tokens", show_header=True)
