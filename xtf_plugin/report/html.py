@@ -294,7 +294,7 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
             f"<section><h2>{filtered_verb(summary).capitalize()} spans</h2><p class='note'>the most surprising off-task "
             f"spans (mean -log p of their word tokens, nats){gain_note}; each was {filtered_verb(summary)} whole, or "
             f"only its surprising phrase</p><table><tr>{headings}</tr>"
-            + (items or f"<tr><td colspan='{5 if explained else 3}'>none</td></tr>") + "</table></section>"
+            + (items or "<tr><td colspan='3'>none</td></tr>") + "</table></section>"
         )
     hists = score_histograms({"reasoning": scored.scores.ri, "novelty": scored.scores.kn, "relevance": scored.scores.tr}, response, drop, summary)
     tops = top_dropped_tokens(scored.input_ids, drop, scored.texts, limit=10)
