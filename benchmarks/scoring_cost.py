@@ -7,9 +7,9 @@ The floor (`_common.floor_forward`) is the least any KN scorer must do: the deco
 float32 log-probability only at the response positions, in length-sorted batches of at most 2,048 tokens, no
 mask where a batch has no padding.
 
-The length, scaling, shape and cache arms time the one-pass scorer (`tr_method: vector`: RI, KN and the vector TR
-table); the default's prompt gain adds a second forward pass over the responses alone, a cost of the method and not
-of the implementation, which the whole-process arm shows next to the one-pass scorer.
+Every arm times the default (`XTFConfig()`: RI, KN, and the prompt gain's second pass over the spans that the
+selection reads it for); the whole-process arm also times `tr_method: vector` (RI, KN and the vector TR table, one
+pass).
 
 Every (arm, workload) runs in a child process of its own that loads the model once and then runs the workload once
 per repeat; repeats are interleaved (the arm order rotates every repeat), so the arms see the same machine load.
@@ -64,8 +64,6 @@ QUICK_EXAMPLES: dict[int | str, list[int]] = {64: [64] * 2, 128: [128], "mixed":
 ARMS = ("floor", "xtf", "official")
 # output_attentions=True at 4096 tokens: 30 layers x 9 heads x 4096^2 fp32 = 18 GiB for the attentions alone
 OFFICIAL_MAX_LENGTH = 1024
-ONE_PASS = {"tr_method": "vector"}
-"""The scorer that every arm but the whole-process one times: one forward pass per batch (module docstring)."""
 
 
 # --- child side ---------------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ def child_arm(spec: dict[str, Any]) -> None:
     else:
         model = load_model(spec["model"], device=device)
     ids, labels = examples_of_lengths(tokenizer, lengths)
-    config = XTFConfig(**ONE_PASS)
+    config = XTFConfig()
     with torch.no_grad():  # warm-up: kernels, thread pools, allocator
         model(input_ids=torch.as_tensor(ids[0][:16], device=model.device)[None], use_cache=False)
     _sync(device)
@@ -112,7 +110,8 @@ def child_arm(spec: dict[str, Any]) -> None:
             extra["forward_passes"] = floor_forward(model, ids, labels)
         elif arm == "xtf":
             scored = score_dataset(model, tokenizer, TokenizedData(ids, labels), config, progress=False, use_cache=False)
-            extra.update({k: scored.stats[k] for k in ("scoring_seconds", "forward_passes")})
+            extra.update({k: scored.stats[k] for k in ("scoring_seconds", "forward_passes", "prompt_gain_seconds",
+                                                         "prompt_gain_tokens")})
         else:
             result = score_official(model, tokenizer, ids)
             extra.update({"forward_passes": result["forward_passes"], "distinct_strings": result["distinct_strings"]})
@@ -137,7 +136,7 @@ def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
     model = load_model(spec["model"], device=device)
     sizes, length = spec["sizes"], spec["length"]
     data = {n: TokenizedData(*synthetic_examples(tokenizer, n, length)) for n in sizes}
-    score_dataset(model, tokenizer, data[sizes[0]], XTFConfig(**ONE_PASS), progress=False, use_cache=False)  # warm-up
+    score_dataset(model, tokenizer, data[sizes[0]], XTFConfig(), progress=False, use_cache=False)  # warm-up
     times: dict[int, list[float]] = {n: [] for n in sizes}
     floor_times: dict[int, list[float]] = {n: [] for n in sizes}
     for rep in range(spec["repeats"]):
@@ -148,7 +147,7 @@ def child_scaling(spec: dict[str, Any]) -> dict[str, Any]:
                 _sync(device)
                 started = time.perf_counter()
                 if arm == "xtf":
-                    score_dataset(model, tokenizer, data[n], XTFConfig(**ONE_PASS), progress=False, use_cache=False)
+                    score_dataset(model, tokenizer, data[n], XTFConfig(), progress=False, use_cache=False)
                 else:
                     floor_forward(model, data[n].input_ids, data[n].labels)
                 _sync(device)
@@ -165,8 +164,8 @@ enough to measure a layer, the capture of one layer and the LM head apart, in mi
 
 def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
     """XTF against the floor on a random-initialised model of a published shape with `SHAPE_LAYERS` layers, and
-    the parts an estimate for the whole model needs: the LM head at the response positions, the relevance table
-    (one single-token forward per distinct response token) and what remains outside the forward pass."""
+    the parts an estimate for the whole model needs: the LM head at the response positions, the first pass (RI and
+    KN), the prompt gain's second pass and what remains outside the forward passes."""
     import numpy as np
     import torch
 
@@ -175,7 +174,6 @@ def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
     from xtf_plugin.models import load_tokenizer
     from xtf_plugin.pipeline import score_dataset
     from xtf_plugin.scoring.attention import resolve_layers
-    from xtf_plugin.scoring.relevance import context_free_vectors
 
     device = device_name()
     tokenizer = load_tokenizer(spec["tokenizer"])
@@ -189,9 +187,9 @@ def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
         ids, labels = synthetic_examples(tokenizer, n, int(length))
         data = TokenizedData(ids, labels)
         response = np.concatenate(labels) != -100
-        distinct = np.unique(np.concatenate(ids)[response])
         floor_forward(model, ids[:1], labels[:1])  # warm-up
-        samples: dict[str, list[float]] = {"floor": [], "xtf": [], "xtf_forward": [], "head": [], "relevance": []}
+        samples: dict[str, list[float]] = {"floor": [], "xtf": [], "xtf_forward": [], "prompt_gain": [], "head": []}
+        fed = 0
         for rep in range(spec["repeats"]):
             for arm in (("xtf", "floor") if rep % 2 == 0 else ("floor", "xtf")):
                 _sync(device)
@@ -199,9 +197,12 @@ def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
                 if arm == "floor":
                     floor_forward(model, ids, labels)
                 else:
-                    scored = score_dataset(model, tokenizer, data, XTFConfig(**ONE_PASS), progress=False,
+                    scored = score_dataset(model, tokenizer, data, XTFConfig(), progress=False,
                                            use_cache=False)
-                    samples["xtf_forward"].append(scored.stats["scoring_seconds"])
+                    gain = scored.stats["prompt_gain_seconds"]
+                    samples["xtf_forward"].append(scored.stats["scoring_seconds"] - gain)
+                    samples["prompt_gain"].append(gain)
+                    fed = scored.stats["prompt_gain_tokens"]
                 _sync(device)
                 samples[arm].append(time.perf_counter() - started)
             with torch.no_grad():
@@ -212,11 +213,8 @@ def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
                 _ = logits.logsumexp(-1)
                 _sync(device)
                 samples["head"].append(time.perf_counter() - started)
-                started = time.perf_counter()
-                context_free_vectors(model, distinct, "hidden")
-                _sync(device)
-                samples["relevance"].append(time.perf_counter() - started)
-        rows.append({"length": int(length), "examples": n, "distinct_response_tokens": int(distinct.size),
+        rows.append({"length": int(length), "examples": n, "response_tokens": int(response.sum()),
+                     "prompt_gain_tokens": fed,
                      **{f"{k}_seconds": median(v) for k, v in samples.items()},
                      "time_ratio": round(median([x / f for x, f in zip(samples["xtf"], samples["floor"], strict=True)]), 3)})
     captured = len(resolve_layers(XTFConfig().ri_layers, spec["layers"]))
@@ -234,8 +232,9 @@ def estimate_full(measured: dict[str, Any], shape: str) -> list[dict[str, Any]]:
     """XTF / floor for the whole model of `shape` (all its layers, `middle` captured), computed from the parts
     measured on the shortened model of `measured["shape"]`: per layer, the floor's decoder time (measured minus
     the LM head, over the layers kept) and the capture (XTF's forward loop minus the floor, over the layers
-    captured); the relevance table scales with the layers, the LM head with the hidden size, the capture with
-    heads x head size, a layer with its multiply-adds. Computed, not measured."""
+    captured); the LM head scales with the hidden size, the capture with heads x head size, a layer with its
+    multiply-adds, and the prompt gain's second pass stays the same share of the floor (a plain forward over the
+    same tokens). Computed, not measured."""
     from xtf_plugin.scoring.attention import resolve_layers
 
     base, target = SHAPES[measured["shape"]], SHAPES[shape]
@@ -248,22 +247,22 @@ def estimate_full(measured: dict[str, Any], shape: str) -> list[dict[str, Any]]:
     for row in measured["rows"]:
         layer = (row["floor_seconds"] - row["head_seconds"]) / measured["layers"]
         capture = max(row["xtf_forward_seconds"] - row["floor_seconds"], 0.0) / measured["captured_layers"]
-        relevance = row["relevance_seconds"] / measured["layers"]
-        rest = max(row["xtf_seconds"] - row["xtf_forward_seconds"] - row["relevance_seconds"], 0.0)
+        gain_share = row["prompt_gain_seconds"] / row["floor_seconds"]
+        rest = max(row["xtf_seconds"] - row["xtf_forward_seconds"] - row["prompt_gain_seconds"], 0.0)
         floor = layers * layer * layer_scale + row["head_seconds"] * head_scale
-        xtf = floor + captured * capture * capture_scale + layers * relevance * layer_scale + rest
+        xtf = floor * (1 + gain_share) + captured * capture * capture_scale + rest
         out.append({"shape": shape, "layers": layers, "captured_layers": captured, "length": row["length"],
                     "examples": row["examples"], "time_ratio_computed": round(xtf / floor, 3),
                     "lm_head_share_of_floor": round(row["head_seconds"] * head_scale / floor, 3),
                     "capture_share_of_floor": round(captured * capture * capture_scale / floor, 3),
-                    "relevance_share_of_floor": round(layers * relevance * layer_scale / floor, 3)})
+                    "prompt_gain_share_of_floor": round(gain_share, 3)})
     return out
 
 
 SELECTION_CHANGES = [
     {"drop_ratio": 0.1},
-    {"mode": "weighted", "drop_ratio": 0.15},
-    {"weights": {"novelty": 0.0}, "kn_p_threshold": 0.9, "protect": ["^#### .*"]},
+    {"action": "mask", "drop_ratio": 0.3},
+    {"span_fence_k": 2.5, "span_ungrounded_k": 2.2, "protect": ["^#### .*"]},
 ]
 
 
@@ -283,11 +282,11 @@ def child_cache(spec: dict[str, Any]) -> dict[str, Any]:
     for rep in range(spec["repeats"]):
         with tempfile.TemporaryDirectory(prefix="xtf-bench-cache-") as cache_dir:
             started = time.perf_counter()
-            first = score_dataset(model, tokenizer, data, XTFConfig(cache_dir=cache_dir, **ONE_PASS), progress=False)
+            first = score_dataset(model, tokenizer, data, XTFConfig(cache_dir=cache_dir), progress=False)
             first_s = time.perf_counter() - started
             change = SELECTION_CHANGES[rep % len(SELECTION_CHANGES)]
             started = time.perf_counter()
-            again = score_dataset(model, tokenizer, data, XTFConfig(cache_dir=cache_dir, **ONE_PASS, **change),
+            again = score_dataset(model, tokenizer, data, XTFConfig(cache_dir=cache_dir, **change),
                                   progress=False)
             again_s = time.perf_counter() - started
             runs.append(
@@ -580,15 +579,16 @@ def tables(summary: dict[str, Any], official_max: int) -> str:
     out += process_table(summary["whole_process"])
     out += ["", f"### Model shape: {summary['shape_model']} (measured)", ""]
     out.append(markdown_table(
-        ["length", "examples", "floor s", "XTF s", "time ratio", "LM head s", "relevance table s", "XTF forward loop s"],
+        ["length", "examples", "floor s", "XTF s", "time ratio", "LM head s", "first pass s", "second pass s (tokens)"],
         [[r["length"], r["examples"], f"{r['floor_seconds']:.2f}", f"{r['xtf_seconds']:.2f}", f"**{r['time_ratio']:.3f}**",
-          f"{r['head_seconds']:.2f}", f"{r['relevance_seconds']:.2f}", f"{r['xtf_forward_seconds']:.2f}"] for r in summary["shape"]]))
+          f"{r['head_seconds']:.2f}", f"{r['xtf_forward_seconds']:.2f}",
+          f"{r['prompt_gain_seconds']:.2f} ({r['prompt_gain_tokens']} of {r['response_tokens']})"] for r in summary["shape"]]))
     if summary["shape_computed"]:
         out += ["", "### Whole models, computed from the parts measured above (not measured)", ""]
         out.append(markdown_table(
-            ["shape", "layers (captured)", "length", "XTF / floor", "LM head share", "capture share", "relevance table share"],
+            ["shape", "layers (captured)", "length", "XTF / floor", "LM head share", "capture share", "second pass share"],
             [[r["shape"], f"{r['layers']} ({r['captured_layers']})", r["length"], f"**{r['time_ratio_computed']:.3f}**",
-              f"{r['lm_head_share_of_floor']:.3f}", f"{r['capture_share_of_floor']:.3f}", f"{r['relevance_share_of_floor']:.3f}"]
+              f"{r['lm_head_share_of_floor']:.3f}", f"{r['capture_share_of_floor']:.3f}", f"{r['prompt_gain_share_of_floor']:.3f}"]
              for r in summary["shape_computed"]]))
     return "\n".join(out)
 
@@ -644,9 +644,9 @@ def main() -> None:
             "official_max_length": raw["official_max_length"],
             "official_skipped_above": "output_attentions=True returns every layer's [heads, L, L] probabilities: at 4096 "
             "tokens 30 x 9 x 4096^2 x 4 B = 18 GiB for the demo model, more than the 2-core benchmark machine's memory",
-            "xtf_config": "defaults with tr_method vector (one pass: ri_layers middle, batch_size 8), cache off except "
-                          "the cache test; the whole-process arms with the defaults (tr_method prompt_gain) and with "
-                          "tr_method vector",
+            "xtf_config": "the defaults (spans preset: ri_layers middle, batch_size 8, tr_method prompt_gain with its "
+                          "second pass over the spans the selection reads), cache off except the cache test; the "
+                          "whole-process arms with the defaults and with tr_method vector (one pass)",
             "floor": "decoder forward (SDPA, no mask without padding), then the LM head and a float32 log-probability "
             "only at response positions, in length-sorted batches of at most 2,048 tokens (_common.floor_forward)",
             "shape": f"random-initialised Llama-3.2-1B shape with {SHAPE_LAYERS} of its 16 layers (timing only)",

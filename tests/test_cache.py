@@ -39,13 +39,10 @@ def cache_files(cache_dir):
 
 
 def test_selection_change_reuses_cache_without_running_the_model(tiny_model, tiny_tokenizer, data, cache_dir):
-    first, calls = score(tiny_model, tiny_tokenizer, data, cache_dir, drop_ratio=0.1)
+    first, calls = score(tiny_model, tiny_tokenizer, data, cache_dir, preset="paper", drop_ratio=0.1)
     assert calls > 0
-    # the preset named, so that weighted mode keeps its scorer settings (a mode alone implies the paper preset)
-    second, calls = score(
-        tiny_model, tiny_tokenizer, data, cache_dir, preset="spans", drop_ratio=0.3, mode="weighted",
-        weights={"novelty": 0}
-    )
+    second, calls = score(tiny_model, tiny_tokenizer, data, cache_dir, preset="paper", drop_ratio=0.3,
+                          mode="weighted", weights={"novelty": 0})
     assert calls == 0
     assert second.stats["cached_shards"] == 1
     for name in ("ri", "kn", "tr"):

@@ -89,11 +89,12 @@ def test_killed_score_resumes_from_finished_shards(tiny_model_dir, tmp_path):
     assert not out.exists()  # the output folder appears whole or not at all
     resumed = run_score(tiny_model_dir, data, out, cache, *slow)
     assert resumed["cached_shards"] == finished
-    # two decoder passes per batch of 2: prompt + response, then the response alone (the prompt gain)
-    assert resumed["forward_passes"] == 2 * ((600 - 256 * finished) // 2)
     fresh_out = tmp_path / "fresh"
     fresh = run_score(tiny_model_dir, data, fresh_out, tmp_path / "fresh-cache", *slow)
     assert fresh["cached_shards"] == 0 and resumed["examples"] == fresh["examples"] == 600
+    # the resumed run skipped the finished shards' first passes (one per batch of 2); the prompt gain's second
+    # pass comes after every first pass, so the killed run had none cached
+    assert fresh["forward_passes"] - resumed["forward_passes"] == 256 * finished // 2
     assert_bit_identical(read_columns(out), read_columns(fresh_out))
 
 
@@ -121,9 +122,10 @@ def test_two_processes_score_exactly_like_one(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     split = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert split["examples"] == single["examples"] == 300
-    # rank 0 ran about half of the 75 batches (the summary is rank 0's)
-    # two decoder passes per batch (the second for the prompt gain)
-    assert single["forward_passes"] == 150 and 60 <= split["forward_passes"] <= 90
+    # 75 batches, then the prompt gain's second pass over some responses; rank 0 ran about half of each (the
+    # summary is rank 0's)
+    assert 75 < single["forward_passes"] < 150
+    assert 0.4 * single["forward_passes"] <= split["forward_passes"] <= 0.6 * single["forward_passes"]
     assert_bit_identical(read_columns(tmp_path / "single"), read_columns(tmp_path / "split"))
     assert len(forward_entries(tmp_path / "c2")) == 2  # rank 0 cached both gathered shards
 

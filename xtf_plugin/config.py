@@ -10,7 +10,9 @@ matters for the score cache:
   implies `paper`) scores once more;
 * selection settings (`mode`, `action`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_p_threshold`, `ri_fence_k`,
   `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `span_ungrounded_k`, `protect`) only change which scored
-  tokens are masked; changing them never re-runs the model.
+  tokens are masked; changing them never re-runs the model, except the prompt gain's second pass, which feeds
+  only what the selection reads (`selection.prompt_gain_wanted`): a `mode` other than spans, or a `span_*_k`
+  below `selection.GAIN_SPAN_K`, feeds more.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """From tokenised examples to scores, masks and reasons: the one entry point every integration calls.
 
 `score_dataset` scores (through the cache, in shards of examples so an interrupted run resumes from the
-finished shards), fills vector TR from the per-token relevance table, marks protected tokens and runs the
-selection. Under torch.distributed (accelerate, torchrun, DeepSpeed) all ranks call it together: they split the
+finished shards), fills vector TR from the per-token relevance table, marks protected tokens, finds the spans,
+runs the prompt gain's second pass for the tokens the selection reads it for, and runs the selection. Under torch.distributed (accelerate, torchrun, DeepSpeed) all ranks call it together: they split the
 forward passes and every rank gets the same scores.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,16 @@ from xtf_plugin.config import XTFConfig
 from xtf_plugin.data import TokenizedData
 from xtf_plugin.distributed import all_gather, is_main_process, rank, world_size
 from xtf_plugin.errors import XTFError
-from xtf_plugin.scoring.engine import SCORER_VERSION, ScoringStats, batch_plan, score_forward
+from xtf_plugin.scoring.engine import (
+    SCORER_VERSION,
+    ScoringStats,
+    alone_log_probs,
+    alone_plan,
+    forward_plan,
+    score_forward,
+)
 from xtf_plugin.scoring.relevance import domain_token_groups, frequent_content_words, relevance_table
-from xtf_plugin.selection import Selection, apply_selection, select_tokens
+from xtf_plugin.selection import Selection, apply_selection, prompt_gain_wanted, select_tokens
 from xtf_plugin.spans import Spans, find_spans
 from xtf_plugin.token_scores import TokenScores, flatten
 from xtf_plugin.tokens import TokenTexts, protected_mask, special_token_ids
@@ -125,7 +133,7 @@ def score_dataset(
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     stats = ScoringStats()
-    scores, cached_shards = _forward_scores(model, data, config, cache, identity, stats, progress)
+    scores, cached_shards, shard_keys = _forward_scores(model, data, config, cache, identity, stats, progress)
     input_ids, offsets = flatten(data.input_ids)
     labels, _ = flatten(data.labels)
     response = labels != -100
@@ -141,6 +149,10 @@ def score_dataset(
         ]
     ) if scores.n_examples else np.zeros(0, bool)
     spans = find_spans(input_ids, offsets, response, texts, specials) if config.mode == "spans" else None
+    gain_stats = ScoringStats()
+    if config.tr_method == "prompt_gain":
+        _fill_prompt_gain(model, data, scores, prompt_gain_wanted(scores, response, spans, config), config, cache,
+                          shard_keys, gain_stats, progress)
     selection = select_tokens(scores, response, protected, config, spans)
     n_scored = int(response.sum())
     return ScoredDataset(
@@ -157,11 +169,13 @@ def score_dataset(
         truncated=data.truncated,
         empty_response=list(data.empty_response),
         stats={
-            "scoring_seconds": round(stats.seconds, 3),
+            "scoring_seconds": round(stats.seconds + gain_stats.seconds, 3),
             "total_seconds": round(time.perf_counter() - started, 3),
-            "forward_passes": stats.forward_passes,
-            "tokens_scored_by_model": stats.tokens,
+            "forward_passes": stats.forward_passes + gain_stats.forward_passes,
+            "tokens_scored_by_model": stats.tokens + gain_stats.tokens,
             "tokens_per_second": round(stats.tokens_per_second, 1),
+            "prompt_gain_seconds": round(gain_stats.seconds, 3),
+            "prompt_gain_tokens": gain_stats.tokens,
             "cached_shards": cached_shards,
             "response_tokens": n_scored,
         },
@@ -176,14 +190,14 @@ def _forward_scores(
     identity: dict[str, Any],
     stats: ScoringStats,
     progress: bool,
-) -> tuple[TokenScores, int]:
-    """RI / KN (and prompt-gain TR) for all examples, shard by shard through the cache.
+) -> tuple[TokenScores, int, list[str]]:
+    """RI / KN (and the prompt gain's first term, see `score_forward`) for all examples, shard by shard through
+    the cache: (scores, shards taken from the cache, each shard's cache key).
 
     Under torch.distributed every rank calls this with the same data: the ranks agree on which shards are
     cached everywhere, split the batches of each other shard between them, and gather the shard's scores,
     so every rank returns the same scores and rank 0 writes the cache.
     """
-    size, this_rank = world_size(), rank()
     settings = config.scorer_settings()
     starts = range(0, len(data), SHARD_EXAMPLES)
     keys: list[str] = []
@@ -205,40 +219,93 @@ def _forward_scores(
             continue
         ids = data.input_ids[start : start + SHARD_EXAMPLES]
         labels = data.labels[start : start + SHARD_EXAMPLES]
-        part = _score_shard(model, ids, labels, start, config, progress, stats, size, this_rank)
-        if cache is not None and this_rank == 0:
+        part = TokenScores.empty([len(x) for x in ids])
+
+        def run(batches: Collection[int] | None) -> tuple[np.ndarray, ...]:
+            shard = score_forward(model, ids, labels, config, progress, stats, batches, start)  # noqa: B023
+            return shard.ri, shard.kn, shard.tr
+
+        part.ri, part.kn, part.tr = _split_between_ranks(run, forward_plan(ids, config), part.offsets)
+        if cache is not None and rank() == 0:
             cache.save("forward", key, {"offsets": part.offsets, "ri": part.ri, "kn": part.kn, "tr": part.tr})
         parts.append(part)
-    return (TokenScores.concatenate(parts) if parts else TokenScores.empty([])), int(cached_everywhere.sum())
+    return (TokenScores.concatenate(parts) if parts else TokenScores.empty([])), int(cached_everywhere.sum()), keys
 
 
-def _score_shard(
-    model: torch.nn.Module,
-    input_ids: list[np.ndarray],
-    labels: list[np.ndarray],
-    first_example: int,
-    config: XTFConfig,
-    progress: bool,
-    stats: ScoringStats,
-    size: int,
-    rank: int,
-) -> TokenScores:
-    """Score one shard; with several ranks, each runs every `size`-th batch of the one-process batch plan
-    (same batches, so the same float32 scores) and the shares are gathered."""
+def _split_between_ranks(
+    run: Callable[[Collection[int] | None], tuple[np.ndarray, ...]], plan: list[list[int]], offsets: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """`run(batches)` returns flat per-token arrays of one shard, computed for the given batches of `plan`; with
+    several ranks each runs every `size`-th batch of the one-process plan (same batches, so the same float32
+    scores) and the shares are gathered, so every rank returns the whole shard's arrays."""
+    size, this_rank = world_size(), rank()
     if size == 1:
-        return score_forward(model, input_ids, labels, config, progress, stats, first_example=first_example)
-    plan = batch_plan([len(x) for x in input_ids], config.batch_size, config.batch_tokens)
-    mine = {b for b in range(len(plan)) if b % size == rank}
-    part = score_forward(model, input_ids, labels, config, progress, stats, mine, first_example)
-    owner = np.empty(len(input_ids), np.int64)
+        return run(None)
+    arrays = run({b for b in range(len(plan)) if b % size == this_rank})
+    owner = np.full(len(offsets) - 1, -1, np.int64)
     for b, batch in enumerate(plan):
         owner[batch] = b % size
-    token_owner = np.repeat(owner, np.diff(part.offsets))
-    shares = all_gather((part.ri, part.kn, part.tr))
-    for r, (ri, kn, tr) in enumerate(shares):
+    token_owner = np.repeat(owner, np.diff(offsets))
+    for r, share in enumerate(all_gather(arrays)):
         taken = token_owner == r
-        part.ri[taken], part.kn[taken], part.tr[taken] = ri[taken], kn[taken], tr[taken]
-    return part
+        for array, theirs in zip(arrays, share, strict=True):
+            array[taken] = theirs[taken]
+    return arrays
+
+
+def _fill_prompt_gain(
+    model: torch.nn.Module,
+    data: TokenizedData,
+    scores: TokenScores,
+    wanted: np.ndarray,
+    config: XTFConfig,
+    cache: ScoreCache | None,
+    shard_keys: list[str],
+    stats: ScoringStats,
+    progress: bool,
+) -> None:
+    """Turn `scores.tr` (`log p(token | prompt, prefix)`) into the prompt gain at the `wanted` tokens (bool
+    `[n_tokens]`), NaN elsewhere.
+
+    The second pass feeds each example's response alone, only as far as its last wanted token, and skips the
+    examples without one; a shard's entry is keyed by its forward entry and by how far each example is fed.
+    """
+    alone = np.full(scores.n_tokens, np.nan, np.float32)
+    if not wanted.any():
+        scores.tr = alone
+        return
+    positions = np.flatnonzero(wanted)
+    example = np.searchsorted(scores.offsets, positions, side="right") - 1
+    stops = np.zeros(scores.n_examples, np.int64)  # one past each example's last wanted token
+    np.maximum.at(stops, example, positions + 1 - scores.offsets[example])
+    shards = [(start, [int(x) for x in stops[start : start + SHARD_EXAMPLES]])
+              for start in range(0, len(data), SHARD_EXAMPLES)]
+    keys = [stable_hash({"kind": "prompt_gain", "forward": shard_keys[k], "stops": shard_stops})
+            for k, (_, shard_stops) in enumerate(shards)]
+    entries = []
+    for key, (start, shard_stops) in zip(keys, shards, strict=True):
+        entry = cache.load("prompt_gain", key, ("alone",)) if cache and any(shard_stops) else None
+        n = int(scores.offsets[start + len(shard_stops)] - scores.offsets[start])
+        entries.append(entry["alone"] if entry is not None and entry["alone"].shape == (n,) else None)
+    cached_everywhere = np.all(all_gather([e is not None for e in entries]), axis=0)
+    for (start, shard_stops), key, entry, cached in zip(shards, keys, entries, cached_everywhere, strict=True):
+        if not any(shard_stops):
+            continue
+        ids = data.input_ids[start : start + SHARD_EXAMPLES]
+        labels = data.labels[start : start + SHARD_EXAMPLES]
+        offsets = scores.offsets[start : start + len(ids) + 1]
+        tokens = slice(int(offsets[0]), int(offsets[-1]))
+        if cached and entry is not None:
+            alone[tokens] = entry
+            continue
+
+        def run(batches: Collection[int] | None) -> tuple[np.ndarray, ...]:
+            return (alone_log_probs(model, ids, labels, shard_stops, config, progress, stats, batches, start),)  # noqa: B023
+
+        (alone[tokens],) = _split_between_ranks(run, alone_plan(labels, shard_stops, config), offsets - offsets[0])
+        if cache is not None and rank() == 0:
+            cache.save("prompt_gain", key, {"alone": alone[tokens]})
+    scores.tr = np.where(wanted, scores.tr - alone, np.nan).astype(np.float32)
 
 
 def _fill_vector_relevance(

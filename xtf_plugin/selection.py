@@ -51,6 +51,12 @@ GROUNDED_GAIN = 0.0
 when the prompt makes its words more likely on average; when it is not, the phrase is not a few odd words inside
 a real sentence, and the whole span is masked."""
 
+GAIN_SPAN_K = 2.0
+"""Spans mode with the prompt gain: the gain is computed only for the spans more than this many robust standard
+deviations above the median span (or more than the lower of `span_fence_k` and `span_ungrounded_k`, where a user
+sets one lower), the only spans whose gain the selection reads: the second pass skips the rest of the dataset.
+Below the defaults (2.5 and 3.0), so that changing either a little reuses the cached gains."""
+
 UNGROUNDED_GAIN = -0.1
 """Spans mode with the prompt gain: a span below the surprise fence is off-task only when the prompt makes its
 words less likely by more than this (nats per word token) and it lies above `span_ungrounded_k`'s fence: an
@@ -424,16 +430,43 @@ def _settled_fence(values: np.ndarray, k: float, fence: float, lowest: float | N
     return fence, median, scale
 
 
+def _judged_spans(token_surprise: np.ndarray, spans: Spans, config: XTFConfig
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(each span's mean surprise `[n_spans]`, the same with repeats NaN, the surprise fence of the latter)."""
+    span_surprise = spans.mean(token_surprise)
+    # a copy is the least surprising text there is: counted, repeats would pull the fence and each response's
+    # reference down onto the spans that are only said once
+    judged = np.where(spans.repeat, np.nan, span_surprise)
+    return span_surprise, judged, robust_fence(judged, config.span_fence_k)
+
+
+def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans | None, config: XTFConfig) -> np.ndarray:
+    """bool `[n_tokens]`: the response tokens whose prompt gain the selection may read.
+
+    Union and weighted mode read TR everywhere; spans mode only in the spans that are not templates and lie
+    above `median + min(GAIN_SPAN_K, span_fence_k, span_ungrounded_k) * scale` (or the surprise fence): those
+    above the fence (is the rest of an off-task phrase's span grounded?) and those above the lower fence (is the
+    span grounded at all?). `scores.kn` must be final; `scores.tr` is not read.
+    """
+    response = np.asarray(response, dtype=bool)
+    if config.mode != "spans":
+        return response.copy()
+    if spans is None or spans.ids.shape != (scores.n_tokens,):
+        raise ValueError("mode 'spans' needs the spans of the same tokens (spans.find_spans)")
+    _, judged, (fence, median, scale) = _judged_spans(surprise(scores.kn), spans, config)
+    if not math.isfinite(fence):
+        return np.zeros_like(response)
+    lowest = min(fence, median + min(GAIN_SPAN_K, config.span_fence_k, config.span_ungrounded_k) * scale)
+    chosen = (judged > lowest) & ~spans.template
+    return response & (spans.ids >= 0) & chosen[np.maximum(spans.ids, 0)]
+
+
 def _select_spans(
     scores: TokenScores, response: np.ndarray, protected: np.ndarray, spans: Spans, config: XTFConfig
 ) -> Selection:
     n = scores.n_tokens
     token_surprise = surprise(scores.kn)
-    span_surprise = spans.mean(token_surprise)
-    # a copy is the least surprising text there is: counted, repeats would pull the fence and each response's
-    # reference down onto the spans that are only said once
-    judged = np.where(spans.repeat, np.nan, span_surprise)
-    fence, median, scale = robust_fence(judged, config.span_fence_k)
+    span_surprise, judged, (fence, median, scale) = _judged_spans(token_surprise, spans, config)
     above_fence = (judged > fence) & ~spans.template
     spared = _not_above_own_response(above_fence, judged, spans, median, config.span_fence_k * scale)
     off_task = above_fence & ~spared

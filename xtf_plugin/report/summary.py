@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
 from itertools import combinations
 from typing import Any
 
@@ -197,7 +196,7 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
         ungrounded = (summary.get("thresholds") or {}).get("ungrounded_spans")
         if ungrounded:
             reasons.append(("  below the fence, made less likely by the prompt (off-task)", f"{ungrounded:,}"))
-    rows: Sequence[tuple[str, str]] = [
+    rows: list[tuple[str, str]] = [
         ("examples", f"{summary['examples']:,}"),
         ("truncated to max_length", f"{summary['examples_truncated']:,}"),
         ("response tokens", f"{summary['response_tokens']:,}"),
@@ -207,6 +206,9 @@ def render_summary(summary: dict[str, Any], console: Any = None, title: str = "X
         ("scoring time", f"{summary['scoring_seconds']:.1f} s ({summary['tokens_per_second']:,.0f} tok/s)"),
         ("cached shards reused", str(summary["cached_shards"])),
     ]
+    if summary.get("prompt_gain_tokens"):
+        rows.insert(-1, ("  of it the prompt gain's second pass",
+                         f"{summary['prompt_gain_seconds']:.1f} s ({summary['prompt_gain_tokens']:,} tokens)"))
     for row in rows:
         table.add_row(*row)
     console.print(table)

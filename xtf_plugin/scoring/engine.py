@@ -2,8 +2,9 @@
 
 For each batch of right-padded examples the decoder runs once (the LM head is not applied to every position);
 the attention capture adds RI from the chosen layers, and the LM head is applied only at the positions that
-predict a response token (KN). `tr_method: prompt_gain` adds a second pass over the responses alone. Vector TR
-needs no pass over the examples at all (see `relevance.py`).
+predict a response token (KN). The prompt gain's second term comes from a second pass over the responses alone,
+`alone_log_probs`, which the pipeline runs only for the tokens its selection reads. Vector TR needs no pass over
+the examples at all (see `relevance.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from xtf_plugin.scoring.attention import capture_attention_received, resolve_lay
 from xtf_plugin.scoring.novelty import novelty_from_log_probs, token_log_probs
 from xtf_plugin.token_scores import TokenScores
 
-SCORER_VERSION = 6
+SCORER_VERSION = 7
 """Bumped whenever the scoring math or the batch plan changes (a batch's padding changes the last float bits), so a
 cached entry always equals a fresh run's."""
 
@@ -117,7 +118,7 @@ def score_forward(
     batches: Collection[int] | None = None,
     first_example: int = 0,
 ) -> TokenScores:
-    """RI and KN (and prompt-gain TR) of every response token.
+    """RI and KN of every response token (and, for the prompt gain, the log-probability it starts from).
 
     Args:
         model: a causal LM with transformers' attention interface (fp32/bf16/4-bit, any device).
@@ -126,12 +127,13 @@ def score_forward(
         config: scorer settings (`batch_size`, `batch_tokens`, `ri_layers`, `ri_exclude_sink`, `tr_method`).
         progress: show a tqdm bar (tokens/s) when scoring takes more than two seconds.
         stats: accumulates time, tokens and forward passes when given.
-        batches: run only these batches of `batch_plan(lengths, batch_size, batch_tokens)` (one process's share of
-            a split run); the other examples' scores stay NaN. Default: all.
+        batches: run only these batches of `forward_plan(input_ids, config)` (one process's share of a split
+            run); the other examples' scores stay NaN. Default: all.
         first_example: index of `input_ids[0]` in the whole dataset, so an error names the user's example.
     Returns:
-        `TokenScores` aligned with `input_ids`; NaN where a token is not scored. `tr` holds the prompt gain
-        when `tr_method == "prompt_gain"`, else NaN (vector TR is filled in by the caller).
+        `TokenScores` aligned with `input_ids`; NaN where a token is not scored. With `tr_method: prompt_gain`,
+        `tr` holds `log p(token | prompt, prefix)`, which becomes the prompt gain once `alone_log_probs` is
+        subtracted; with vector TR it is NaN (the caller fills it in).
     """
     if len(input_ids) != len(labels):
         raise ValueError("input_ids and labels differ in length")
@@ -145,8 +147,7 @@ def score_forward(
     device = _device_of(model)
     decoder = model.get_decoder()
     layers = resolve_layers(config.ri_layers, model.config.num_hidden_layers)
-    plan = [b for i, b in enumerate(batch_plan(lengths, config.batch_size, config.batch_tokens))
-            if batches is None or i in batches]
+    plan = [b for i, b in enumerate(forward_plan(input_ids, config)) if batches is None or i in batches]
     total = sum(lengths[i] for batch in plan for i in batch)
     started = time.perf_counter()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="xtf scoring", delay=2, disable=not progress)
@@ -163,9 +164,8 @@ def score_forward(
                 stats.forward_passes += 1
                 log_probs = _log_probs_at(model, hidden, ids, trained)
                 ri = capture.result()
-                capture.end()  # the prompt-gain pass has other shapes and must not add to RI
-                gain = _prompt_gain(model, decoder, ids, valid, trained, log_probs, stats) if config.tr_method == "prompt_gain" else None
-                _check_finite(log_probs, ri, gain, trained, [first_example + i for i in batch])
+                capture.end()
+                _check_finite((log_probs, ri), trained, [first_example + i for i in batch])
                 for row, index in enumerate(batch):
                     part = slice(int(scores.offsets[index]), int(scores.offsets[index + 1]))
                     n = lengths[index]
@@ -173,8 +173,8 @@ def score_forward(
                     mask[0] = False
                     scores.kn[part] = np.where(mask, novelty_from_log_probs(log_probs[row, :n]).cpu().numpy(), np.nan)
                     scores.ri[part] = np.where(mask, ri[row, :n].cpu().numpy(), np.nan)
-                    if gain is not None:
-                        scores.tr[part] = np.where(mask, gain[row, :n].cpu().numpy(), np.nan)
+                    if config.tr_method == "prompt_gain":
+                        scores.tr[part] = np.where(mask, log_probs[row, :n].cpu().numpy(), np.nan)
                 bar.update(int(valid.sum()))
     finally:
         bar.close()
@@ -184,54 +184,103 @@ def score_forward(
     return scores
 
 
-def _prompt_gain(
-    model: torch.nn.Module,
-    decoder: torch.nn.Module,
-    ids: torch.Tensor,
-    valid: torch.Tensor,
-    trained: torch.Tensor,
-    log_probs: torch.Tensor,
-    stats: ScoringStats,
-) -> torch.Tensor:
-    """float32 `[B, L]`: log p(token | prompt, prefix) - log p(token | response prefix alone).
+def forward_plan(input_ids: Sequence[np.ndarray], config: XTFConfig) -> list[list[int]]:
+    """The batches of `score_forward`, as example indices."""
+    return batch_plan([len(ids) for ids in input_ids], config.batch_size, config.batch_tokens)
 
-    The second pass feeds each example from its first trained token on, after one anchor token (BOS, or EOS
-    when the tokenizer has none), so the first response token is predicted from the anchor alone.
+
+def _response_start(labels: np.ndarray) -> int:
+    """Index of an example's first trained token (its length when none is trained)."""
+    trained = np.flatnonzero(np.asarray(labels) != -100)
+    return int(trained[0]) if trained.size else len(labels)
+
+
+def alone_plan(labels: Sequence[np.ndarray], stops: Sequence[int], config: XTFConfig) -> list[list[int]]:
+    """The batches of `alone_log_probs`, as example indices (examples with nothing to feed are in none)."""
+    starts = [_response_start(y) for y in labels]
+    fed = [i for i in range(len(labels)) if stops[i] > starts[i]]
+    plan = batch_plan([1 + stops[i] - starts[i] for i in fed], config.batch_size, config.batch_tokens)
+    return [[fed[j] for j in batch] for batch in plan]
+
+
+@torch.no_grad()
+def alone_log_probs(
+    model: torch.nn.Module,
+    input_ids: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    stops: Sequence[int],
+    config: XTFConfig,
+    progress: bool = True,
+    stats: ScoringStats | None = None,
+    batches: Collection[int] | None = None,
+    first_example: int = 0,
+) -> np.ndarray:
+    """The prompt gain's second term: `log p(token | response prefix alone)` of trained tokens.
+
+    Each example is fed from its first trained token up to position `stops[i]` (exclusive), after one anchor
+    token (BOS, or EOS when the tokenizer has none), so the first response token is predicted from the anchor
+    alone; the prompt gain of a token is its `log p` from `score_forward` minus this.
+
+    Args:
+        input_ids, labels: as for `score_forward`.
+        stops: one position per example; nothing at or after it is fed (0: the example is not fed at all).
+        config: `batch_size`, `batch_tokens` (the batches are `alone_plan(labels, stops, config)`).
+        batches: run only these batches of that plan; the other examples stay NaN. Default: all.
+    Returns:
+        float32 `[n_tokens]`, flat over the examples as `TokenScores`: the log-probability at trained positions
+        before each stop, NaN elsewhere.
     """
+    stats = stats if stats is not None else ScoringStats()
+    lengths = [len(ids) for ids in input_ids]
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    out = np.full(int(offsets[-1]), np.nan, np.float32)
+    plan = [b for i, b in enumerate(alone_plan(labels, stops, config)) if batches is None or i in batches]
+    if not plan:
+        return out
     anchor = model.config.bos_token_id
     if anchor is None:
         anchor = model.config.eos_token_id
     anchor = int(anchor[0] if isinstance(anchor, (list, tuple)) else (anchor or 0))
-    gain = torch.full(ids.shape, float("nan"), dtype=torch.float32, device=ids.device)
-    sequences, starts = [], []
-    for row in range(ids.shape[0]):
-        trained_pos = trained[row].nonzero().flatten()
-        first = int(trained_pos[0]) if trained_pos.numel() else int(valid[row].sum())
-        n = int(valid[row].sum())
-        starts.append(first)
-        sequences.append(np.concatenate([[anchor], ids[row, first:n].cpu().numpy()]))
-    alone_ids, alone_valid = _pad_right(sequences, ids.device)
-    alone_trained = torch.zeros_like(alone_valid)
-    for row, first in enumerate(starts):
-        n = len(sequences[row]) - 1
-        alone_trained[row, 1 : n + 1] = trained[row, first : first + n]
-    hidden = decoder(input_ids=alone_ids, attention_mask=alone_valid.long(), use_cache=False).last_hidden_state
-    stats.forward_passes += 1
-    alone = _log_probs_at(model, hidden, alone_ids, alone_trained)
-    for row, first in enumerate(starts):
-        n = len(sequences[row]) - 1
-        gain[row, first : first + n] = log_probs[row, first : first + n] - alone[row, 1 : n + 1]
-    return gain
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    decoder = model.get_decoder()
+    starts = {i: _response_start(labels[i]) for batch in plan for i in batch}
+    total = sum(stops[i] - starts[i] for batch in plan for i in batch)
+    started = time.perf_counter()
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="xtf prompt gain", delay=2, disable=not progress)
+    try:
+        for batch in plan:
+            spans = [(starts[i], int(stops[i])) for i in batch]
+            ids, valid = _pad_right([np.concatenate([[anchor], np.asarray(input_ids[i][a:b])]) for i, (a, b)
+                                     in zip(batch, spans, strict=True)], device)
+            trained, _ = _pad_right([np.concatenate([[False], np.asarray(labels[i][a:b]) != -100]) for i, (a, b)
+                                     in zip(batch, spans, strict=True)], device)
+            trained = trained.bool() & valid
+            mask = None if bool(valid.all()) else valid.long()
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            stats.forward_passes += 1
+            log_probs = _log_probs_at(model, hidden, ids, trained)
+            _check_finite((log_probs,), trained, [first_example + i for i in batch])
+            for row, (index, (a, b)) in enumerate(zip(batch, spans, strict=True)):
+                values = torch.where(trained[row, 1 : 1 + b - a], log_probs[row, 1 : 1 + b - a], float("nan"))
+                out[offsets[index] + a : offsets[index] + b] = values.cpu().numpy()
+            bar.update(int(valid.sum()))
+    finally:
+        bar.close()
+        model.train(was_training)
+    stats.seconds += time.perf_counter() - started
+    stats.tokens += total
+    return out
 
 
-def _check_finite(
-    log_probs: torch.Tensor, ri: torch.Tensor, gain: torch.Tensor | None, trained: torch.Tensor, examples: Sequence[int]
-) -> None:
-    """Raise `XTFError` naming the first example (1-based, dataset order) with a NaN or inf score: such a
-    score would silently rank first or last in every selection, and would be cached."""
+def _check_finite(scores: Sequence[torch.Tensor], trained: torch.Tensor, examples: Sequence[int]) -> None:
+    """Raise `XTFError` naming the first example (1-based, dataset order) with a NaN or inf score (`[B, L]`
+    each) at a trained position: such a score would silently rank first or last in every selection, and
+    would be cached."""
     scored = trained.clone()
     scored[:, 0] = False
-    values = torch.stack([log_probs, ri, gain if gain is not None else torch.zeros_like(log_probs)])
+    values = torch.stack(list(scores))
     bad = (~torch.isfinite(values) & scored).any(dim=0).any(dim=1)
     if not bad.any():
         return
