@@ -95,6 +95,12 @@ def random_model(shape: str, dtype: Any, device: str, attention: str, layers: in
     return model.eval()
 
 
+GAIN_EVERYWHERE = {"preset": "paper", "tr_method": "prompt_gain"}
+"""Scoring settings that give the prompt gain of every response token (union mode reads TR everywhere), for analyses
+that select on parts of the data or with other settings than the scoring run's: a spans-mode run computes the gain
+only where its own selection reads it (`selection.prompt_gain_wanted`)."""
+
+
 FLOOR_BATCH_TOKENS = 2048
 """The floor's batches: length-sorted, at most this many tokens with their padding (a longer example alone)."""
 

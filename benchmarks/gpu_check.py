@@ -68,8 +68,11 @@ def timed(device: str, work: Callable[[], Any]) -> tuple[float, int]:
 
 
 def check_scoring(device: str, quick: bool) -> dict[str, Any]:
+    """The first pass of the default (KN, no RI) and of the paper preset (KN and RI: the attention capture) against
+    the floor, and the prompt gain's second pass over every whole response (a default run feeds only the spans its
+    selection reads, so this is its upper bound)."""
     from xtf_plugin.config import XTFConfig
-    from xtf_plugin.scoring.engine import score_forward
+    from xtf_plugin.scoring.engine import alone_log_probs, score_forward
 
     attentions = ["sdpa"]
     if not quick and device.startswith("cuda"):
@@ -89,18 +92,30 @@ def check_scoring(device: str, quick: bool) -> dict[str, Any]:
             for length in lengths:
                 n = max(1, 16384 // length) if not quick else 4
                 ids, labels = examples(SHAPES[shape]["vocab_size"], n, length)
-                config = XTFConfig(batch_size=max(1, 2048 // length))  # the floor's batches of 2,048 tokens
+                batch_size = max(1, 2048 // length)  # the floor's batches of 2,048 tokens
+                default, paper = XTFConfig(batch_size=batch_size), XTFConfig(preset="paper", batch_size=batch_size)
                 floor_forward(model, ids[:1], labels[:1])  # warm-up
                 floor_s, floor_mem = timed(device, partial(floor_forward, model, ids, labels))
                 with torch.no_grad():
-                    xtf_s, xtf_mem = timed(device, partial(score_forward, model, ids, labels, config, progress=False))
-                    scores = score_forward(model, ids, labels, config, progress=False)
-                finite = bool(np.isfinite(scores.kn[np.concatenate(labels) != -100]).all())
+                    xtf_s, xtf_mem = timed(device, partial(score_forward, model, ids, labels, default, progress=False))
+                    ri_s, ri_mem = timed(device, partial(score_forward, model, ids, labels, paper, progress=False))
+                    whole = [len(x) for x in ids]
+                    gain_s, _ = timed(device, partial(alone_log_probs, model, ids, labels, whole, default,
+                                                      progress=False))
+                    scores = score_forward(model, ids, labels, paper, progress=False)
+                response = np.concatenate(labels) != -100
+                finite = bool(np.isfinite(scores.kn[response]).all() and np.isfinite(scores.ri[response]).all())
                 ok &= finite
+
+                def per_floor(value: float, floor: float) -> float | None:
+                    return round(value / floor, 3) if floor else None
+
                 rows.append({"shape": shape, "attention": attention, "tokens": length, "examples": n,
                              "floor_seconds": round(floor_s, 4), "xtf_seconds": round(xtf_s, 4),
-                             "time_ratio": round(xtf_s / floor_s, 3) if floor_s else None,
-                             "memory_ratio": round(xtf_mem / floor_mem, 3) if floor_mem else None,
+                             "time_ratio": per_floor(xtf_s, floor_s), "memory_ratio": per_floor(xtf_mem, floor_mem),
+                             "with_ri_seconds": round(ri_s, 4), "with_ri_time_ratio": per_floor(ri_s, floor_s),
+                             "with_ri_memory_ratio": per_floor(ri_mem, floor_mem),
+                             "whole_second_pass_time_ratio": per_floor(gain_s, floor_s),
                              "scores_finite": finite})
             model = None  # freed before the next shape loads
             if device.startswith("cuda"):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, ROOT, machine_info, markdown_table, write_json
+from _common import GAIN_EVERYWHERE, RESULTS, ROOT, machine_info, markdown_table, write_json
 
 from xtf_plugin.config import XTFConfig
 from xtf_plugin.data import read_records, tokenize_records
@@ -132,9 +132,11 @@ def main() -> None:
     rows = math_rows + docstring_rows(max(counts))
     tokenizer = load_tokenizer("demo")
     with tempfile.TemporaryDirectory(prefix="xtf-mixed-") as temporary:
-        config = XTFConfig(preset="spans", span_fence_k=args.span_fence_k, cache_dir=args.score_cache or temporary)
+        config = XTFConfig(preset="spans", span_fence_k=args.span_fence_k)
         data = tokenize_records(rows, tokenizer, "auto", config.max_length, source="mixed_styles")
-        scored = score_dataset(load_model("demo"), tokenizer, data, config, progress=sys.stderr.isatty())
+        # each mixture selects on a part of the data, so every token's prompt gain is scored
+        scoring = XTFConfig(**GAIN_EVERYWHERE, cache_dir=args.score_cache or temporary)
+        scored = score_dataset(load_model("demo"), tokenizer, data, scoring, progress=sys.stderr.isatty())
     texts, specials = TokenTexts(tokenizer), special_token_ids(tokenizer)
     mixtures = [mixture(scored, texts, specials, n_math, n, config) for n in counts]
     table = markdown_table(

@@ -47,14 +47,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import GAIN_EVERYWHERE
 
 from xtf_plugin.config import REASON_BITS, XTFConfig
 from xtf_plugin.data import read_records, tokenize_records
 from xtf_plugin.demo import DEMO_DATA
 from xtf_plugin.models import load_model, load_tokenizer
 from xtf_plugin.pipeline import ScoredDataset, score_dataset
-from xtf_plugin.selection import combined_scores, select_tokens
-from xtf_plugin.spans import find_spans
+from xtf_plugin.selection import Selection, combined_scores, select_tokens
+from xtf_plugin.spans import Spans, find_spans
 from xtf_plugin.tokens import special_token_ids
 
 RESULTS = Path(__file__).parent / "results" / "noise_detection.json"
@@ -406,24 +407,27 @@ def cpu_seconds() -> float:
     return round(usage.ru_utime + usage.ru_stime, 1)
 
 
-def selections(scored: ScoredDataset, gained: ScoredDataset, noise_fraction: float, tokenizer: Any,
+def spans_selection(gained: ScoredDataset, spans: Spans, config: XTFConfig | None = None) -> Selection:
+    """The spans preset's selection (or `config`'s) from `gained`'s scores, which hold the prompt gain of every token."""
+    return select_tokens(gained.scores, gained.response, gained.protected, config or XTFConfig(), spans)
+
+
+def selections(scored: ScoredDataset, gained: ScoredDataset, spans: Spans, noise_fraction: float,
                fence_ks: Sequence[float] = ()) -> dict[str, np.ndarray]:
     """Reason bits per token of each selection compared: `scored` has the paper preset's scores (vector TR),
-    `gained` the spans preset's (TR = the prompt gain; the same RI and KN); every selection reads one of them,
-    none rescoring. The spans preset also at each other `span_fence_k` of `fence_ks`, and without the prompt gain
-    (what it selects from the paper preset's scores)."""
+    `gained` the same RI and KN with TR = the prompt gain of every token (`GAIN_EVERYWHERE`); every selection
+    reads one of them, none rescoring. The spans preset also at each other `span_fence_k` of `fence_ks`, and
+    without the prompt gain (what it selects from the paper preset's scores)."""
     drop_ratio = round(noise_fraction, 4)
-    spans = find_spans(scored.input_ids, scored.offsets, scored.response, scored.texts, special_token_ids(tokenizer))
     result = {
-        "preset spans": gained.selection.reasons,
+        "preset spans": spans_selection(gained, spans).reasons,
         "preset spans without the prompt gain (tr_method vector)": select_tokens(
             scored.scores, scored.response, scored.protected, XTFConfig(tr_method="vector"), spans).reasons,
         "preset paper (union)": scored.selection.reasons,
         "union tests before caps and ceiling": scored.selection.flagged,
     }
     for k in fence_ks:
-        result[f"preset spans, span_fence_k={k:g}"] = select_tokens(
-            gained.scores, gained.response, gained.protected, XTFConfig(span_fence_k=k), gained.spans).reasons
+        result[f"preset spans, span_fence_k={k:g}"] = spans_selection(gained, spans, XTFConfig(span_fence_k=k)).reasons
     for scope in ("example", "dataset"):
         config = XTFConfig(mode="weighted", drop_ratio=drop_ratio, scope=scope)
         name = f"weighted, {scope} scope, drop_ratio={drop_ratio}"
@@ -525,12 +529,14 @@ def main() -> None:
     data = tokenize_records(noisy_records, tokenizer, "auto", config.max_length, source=args.data)
     model = load_model("demo")
     scored = score_dataset(model, tokenizer, data, config, progress=sys.stderr.isatty(), use_cache=False)
-    gained = score_dataset(model, tokenizer, data, XTFConfig(), progress=sys.stderr.isatty(), use_cache=False)
+    gained = score_dataset(model, tokenizer, data, XTFConfig(**GAIN_EVERYWHERE), progress=sys.stderr.isatty(),
+                           use_cache=False)
     kinds, annotation, noisy = token_labels(scored, answers, tokenizer)
 
     response_tokens = int(scored.response.sum())
     noise_fraction = float((kinds > CLEAN).sum() / response_tokens)
-    chosen = selections(scored, gained, noise_fraction, tokenizer, args.span_fence_k)
+    spans = find_spans(scored.input_ids, scored.offsets, scored.response, scored.texts, special_token_ids(tokenizer))
+    chosen = selections(scored, gained, spans, noise_fraction, args.span_fence_k)
     clean_count = int((kinds == CLEAN).sum())
     results: dict[str, Any] = {
         "machine": machine,
@@ -562,7 +568,7 @@ def main() -> None:
         "calculator_annotations": {name: annotation_drops(d, kinds, annotation, noisy) for name, d in chosen.items()},
         "domain_words": scored.domain_words,
         "thresholds": scored.selection.thresholds,
-        "spans_thresholds": gained.selection.thresholds,
+        "spans_thresholds": spans_selection(gained, spans).thresholds,
         "runtime": {
             **scored.stats,
             "spans_scoring_seconds": gained.stats["scoring_seconds"],

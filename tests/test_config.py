@@ -100,7 +100,7 @@ def test_field_errors(data, expected):
 def test_literal_or_list_field_names_the_plain_key():
     # ri_layers is a Literal or a list of ints: the key is `xtf.ri_layers`, without pydantic's union tags
     message = config_error({"ri_layers": "x"})
-    assert message.startswith("xtf.ri_layers: Input should be 'all', 'middle', 'first' or 'last' (got 'x')")
+    assert message.startswith("xtf.ri_layers: Input should be 'all', 'middle', 'first', 'last' or 'none' (got 'x')")
     assert "literal[" not in message and "list[int]" not in message
     message = config_error({"ri_layers": [1, "a"]})
     assert "xtf.ri_layers.1: Input should be a valid integer" in message and "list[int]" not in message

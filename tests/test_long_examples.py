@@ -38,7 +38,7 @@ ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"][:length]
 assert len(ids) == length
 labels = ids.copy()
 labels[: length // 4] = -100
-config = XTFConfig(max_length=length, tr_method="vector", tr_domain_words=["total", "each", "more"])
+config = XTFConfig(preset="paper", max_length=length, tr_domain_words=["total", "each", "more"])  # RI: the capture
 # one short example first: allocations made once per process (thread pools, caches) are not the example's
 warm = np.where(np.arange(128) < 32, -100, ids[:128])
 score_dataset(model, tokenizer, TokenizedData([ids[:128]], [warm]), config, progress=False, use_cache=False)

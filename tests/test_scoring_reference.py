@@ -741,3 +741,22 @@ def test_score_dataset_end_to_end(models, references, tiny_tokenizer, tmp_path):
     expected = reference_relevance(references["gqa"], data.input_ids, data.labels, groups, "hidden", True)
     assert_close(scored.scores.split("tr"), expected, what="pipeline TR")
     assert scored.domain_words == words
+
+
+def test_without_ri_layers_the_model_runs_its_own_attention(models, examples):
+    """`ri_layers: none` (the spans preset's): no capture, RI NaN, and the same KN bits as a run with the capture."""
+    model = models["gqa"]
+    ids, labels = examples
+    seen = []
+    handles = [layer.self_attn.register_forward_pre_hook(lambda m, a: seen.append(model.config._attn_implementation))
+               for layer in model.get_decoder().layers]
+    try:
+        plain = score_forward(model, ids, labels, XTFConfig(ri_layers="none", batch_size=4), progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and set(seen) == {"sdpa"}
+    assert np.isnan(plain.ri).all()
+    captured = score_forward(model, ids, labels, XTFConfig(ri_layers="middle", batch_size=4), progress=False)
+    np.testing.assert_array_equal(plain.kn, captured.kn)
+    assert np.isfinite(captured.ri[np.isfinite(captured.kn)]).all()

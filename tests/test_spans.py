@@ -475,7 +475,11 @@ def test_a_config_that_names_another_mode_starts_from_the_paper_preset():
     assert (weighted.preset, weighted.mode, weighted.drop_ratio) == ("paper", "weighted", 0.2)
     assert load_xtf_config({"mode": "union"}) == XTFConfig(preset="paper")
     assert load_xtf_config({"mode": "spans"}) == XTFConfig()
-    assert load_xtf_config({"preset": "spans", "mode": "union"}).drop_ratio == 0.5  # named: its values apply
+    # named, its values apply: union mode then needs the RI that the spans preset does not score
+    with pytest.raises(XTFConfigError, match=r"^xtf: ri_layers is none \(the spans preset's\) but mode union reads RI"):
+        load_xtf_config({"preset": "spans", "mode": "union"})
+    assert load_xtf_config({"preset": "spans", "mode": "union", "ri_layers": "middle"}).drop_ratio == 0.5
+    assert load_xtf_config({"preset": "spans", "mode": "weighted", "weights": {"reasoning": 0}}).ri_layers == "none"
 
 
 def test_resolved_settings_load_back_to_the_same_config():

@@ -6,8 +6,8 @@ matters for the score cache:
 
 * scorer settings (`ri_layers`, `ri_exclude_sink`, `tr_*`) change what the model computes; changing one re-runs
   the model (`max_length` only changes the token ids `xtf score` gives the model, which the cache key holds).
-  The presets differ in one of them (`tr_method`), so a change between `spans` and `paper` (or a `mode` that
-  implies `paper`) scores once more;
+  The presets differ in two of them (`tr_method`, `ri_layers`), so a change between `spans` and `paper` (or a
+  `mode` that implies `paper`) scores once more;
 * selection settings (`mode`, `action`, `weights`, `drop_ratio`, `scope`, `caps`, `kn_p_threshold`, `ri_fence_k`,
   `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `span_ungrounded_k`, `protect`) only change which scored
   tokens are masked; changing them never re-runs the model, except the prompt gain's second pass, which feeds
@@ -66,8 +66,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # Spans are whole lines, sentences and phrases: taken out of the input they leave a cleaned response, which
     # measured better than masking them in place on both downstream tasks; the prompt gain tells inserted lines
-    # from the response's own, at the cost of a second forward pass over the responses (benchmarks/README.md).
-    "spans": {"mode": "spans", "drop_ratio": 0.5, "action": "remove", "tr_method": "prompt_gain"},
+    # from the response's own, at the cost of a second forward pass over the spans it reads it for
+    # (benchmarks/README.md). Spans selection never reads RI, so the preset does not pay for the attention capture.
+    "spans": {"mode": "spans", "drop_ratio": 0.5, "action": "remove", "tr_method": "prompt_gain", "ri_layers": "none"},
 }
 """Preset name -> the settings it gives; keys a user sets override them (mappings merged key by key)."""
 
@@ -199,10 +200,11 @@ class XTFConfig(_Strict):
     )
 
     # --- scoring ----------------------------------------------------------------------------------
-    ri_layers: Literal["all", "middle", "first", "last"] | list[int] = Field(
+    ri_layers: Literal["all", "middle", "first", "last", "none"] | list[int] = Field(
         "middle",
         description="RI: decoder layers whose attention is read: all, middle (the middle third), first, last, "
-        "or a list of indices (negative counts from the end).",
+        "a list of indices (negative counts from the end), or none: no RI (xtf_ri is NaN; the spans preset's, "
+        "whose selection does not read RI).",
     )
     ri_exclude_sink: bool = Field(
         True,
@@ -293,6 +295,9 @@ class XTFConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> XTFConfig:
+        if self.ri_layers == "none" and self.mode != "spans" and self.weights.reasoning > 0:
+            raise ValueError(f"ri_layers is none (the spans preset's) but mode {self.mode} reads RI "
+                             "(weights.reasoning > 0): set ri_layers (the paper's: middle) or weights.reasoning: 0")
         if max(self.tr_mask_classes) >= self.tr_otsu_classes:
             raise ValueError(
                 f"tr_mask_classes {self.tr_mask_classes} must be below tr_otsu_classes ({self.tr_otsu_classes})"

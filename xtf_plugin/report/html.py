@@ -90,7 +90,7 @@ def histogram_svg(name: str, hist: dict[str, Any]) -> str:
     parts.append(f'<text x="{left}" y="14" class="title">{_esc(SHORT_NAMES[name])}: {_esc(name)}</text>')
     edges = hist["edges"]
     if not edges:
-        parts.append(f'<text x="{left}" y="{height / 2}" class="lab">no scored tokens</text></svg>')
+        parts.append(f'<text x="{left}" y="{height / 2}" class="lab">{_esc(hist.get("empty", "no scored tokens"))}</text></svg>')
         return "".join(parts)
     lo, hi = edges[0], edges[-1]
     sx = lambda v: left + plot_w * (v - lo) / (hi - lo)  # noqa: E731
@@ -297,6 +297,8 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
             + (items or "<tr><td colspan='3'>none</td></tr>") + "</table></section>"
         )
     hists = score_histograms({"reasoning": scored.scores.ri, "novelty": scored.scores.kn, "relevance": scored.scores.tr}, response, drop, summary)
+    if scored.config.ri_layers == "none":
+        hists["reasoning"]["empty"] = "not scored: ri_layers is none (spans selection reads no RI)"
     tops = top_dropped_tokens(scored.input_ids, drop, scored.texts, limit=10)
     data = examples_json(scored, max_examples).replace("</", "<\\/")
     shown = min(scored.n_examples, max_examples)

@@ -41,9 +41,11 @@ _MIN_CHUNK_ROWS = 64
 def resolve_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
     """`ri_layers` -> sorted layer indices.
 
-    `middle` is the middle third of the layers (at least one), where attention is most semantic; negative
-    indices count from the end.
+    `middle` is the middle third of the layers (at least one), where attention is most semantic; `none` is no
+    layer (no RI); negative indices count from the end.
     """
+    if spec == "none":
+        return []
     if spec == "all":
         return list(range(n_layers))
     if spec == "first":

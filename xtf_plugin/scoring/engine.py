@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +119,8 @@ def score_forward(
     batches: Collection[int] | None = None,
     first_example: int = 0,
 ) -> TokenScores:
-    """RI and KN of every response token (and, for the prompt gain, the log-probability it starts from).
+    """RI (unless `ri_layers` is `none`) and KN of every response token (and, for the prompt gain, the
+    log-probability it starts from).
 
     Args:
         model: a causal LM with transformers' attention interface (fp32/bf16/4-bit, any device).
@@ -152,20 +154,27 @@ def score_forward(
     started = time.perf_counter()
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="xtf scoring", delay=2, disable=not progress)
     try:
-        with capture_attention_received(model, layers, config.ri_exclude_sink) as capture:
+        # without RI layers (`ri_layers: none`) the model runs its own attention, untouched
+        capturing = capture_attention_received(model, layers, config.ri_exclude_sink) if layers else nullcontext()
+        with capturing as capture:
             for batch in plan:
                 ids, valid = _pad_right([np.asarray(input_ids[i]) for i in batch], device)
                 trained, _ = _pad_right([np.asarray(labels[i]) != -100 for i in batch], device)
                 trained = trained.bool() & valid
-                capture.begin(valid)
+                if capture is not None:
+                    capture.begin(valid)
                 # without padding the attention needs no mask: the causal kernel alone, no [B, 1, L, L] mask
                 mask = None if bool(valid.all()) else valid.long()
                 hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 stats.forward_passes += 1
                 log_probs = _log_probs_at(model, hidden, ids, trained)
-                ri = capture.result()
-                capture.end()
-                _check_finite((log_probs, ri), trained, [first_example + i for i in batch])
+                if capture is not None:
+                    ri = capture.result()
+                    capture.end()
+                else:
+                    ri = torch.full_like(log_probs, float("nan"))
+                _check_finite((log_probs, ri) if capture is not None else (log_probs,), trained,
+                              [first_example + i for i in batch])
                 for row, index in enumerate(batch):
                     part = slice(int(scores.offsets[index]), int(scores.offsets[index + 1]))
                     n = lengths[index]
