@@ -163,9 +163,10 @@ enough to measure a layer, the capture of one layer and the LM head apart, in mi
 
 
 def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
-    """XTF against the floor on a random-initialised model of a published shape with `SHAPE_LAYERS` layers, and
-    the parts an estimate for the whole model needs: the LM head at the response positions, the first pass (RI and
-    KN), the prompt gain's second pass and what remains outside the forward passes."""
+    """XTF against the floor on a random-initialised model of a published shape with `SHAPE_LAYERS` layers, both
+    presets, and the parts an estimate for the whole model needs: the LM head at the response positions, each
+    preset's first pass (the paper's with the RI capture), the default's second pass (the prompt gain), the paper's
+    relevance table, and what remains outside them."""
     import numpy as np
     import torch
 
@@ -174,6 +175,7 @@ def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
     from xtf_plugin.models import load_tokenizer
     from xtf_plugin.pipeline import score_dataset
     from xtf_plugin.scoring.attention import resolve_layers
+    from xtf_plugin.scoring.relevance import context_free_vectors
 
     device = device_name()
     tokenizer = load_tokenizer(spec["tokenizer"])
@@ -182,27 +184,31 @@ def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
     model = random_model(spec["shape"], torch.float32 if device == "cpu" else torch.bfloat16, device, "sdpa",
                          layers=spec["layers"], vocab=vocab)
     head = model.get_output_embeddings()
+    configs = {"xtf": XTFConfig(), "paper": XTFConfig(preset="paper")}
+    arms = ["floor", *configs]
     rows = []
     for length, n in spec["examples"].items():
         ids, labels = synthetic_examples(tokenizer, n, int(length))
         data = TokenizedData(ids, labels)
         response = np.concatenate(labels) != -100
+        distinct = np.unique(np.concatenate(ids)[response])
         floor_forward(model, ids[:1], labels[:1])  # warm-up
-        samples: dict[str, list[float]] = {"floor": [], "xtf": [], "xtf_forward": [], "prompt_gain": [], "head": []}
+        samples: dict[str, list[float]] = {key: [] for key in ("floor", "xtf", "xtf_forward", "prompt_gain", "paper",
+                                                                "paper_forward", "head", "relevance")}
         fed = 0
         for rep in range(spec["repeats"]):
-            for arm in (("xtf", "floor") if rep % 2 == 0 else ("floor", "xtf")):
+            for arm in arms[rep % 3:] + arms[: rep % 3]:
                 _sync(device)
                 started = time.perf_counter()
                 if arm == "floor":
                     floor_forward(model, ids, labels)
                 else:
-                    scored = score_dataset(model, tokenizer, data, XTFConfig(), progress=False,
-                                           use_cache=False)
-                    gain = scored.stats["prompt_gain_seconds"]
-                    samples["xtf_forward"].append(scored.stats["scoring_seconds"] - gain)
-                    samples["prompt_gain"].append(gain)
-                    fed = scored.stats["prompt_gain_tokens"]
+                    stats = score_dataset(model, tokenizer, data, configs[arm], progress=False, use_cache=False).stats
+                    gain = stats["prompt_gain_seconds"]
+                    samples[f"{arm}_forward"].append(stats["scoring_seconds"] - gain)
+                    if arm == "xtf":
+                        samples["prompt_gain"].append(gain)
+                        fed = stats["prompt_gain_tokens"]
                 _sync(device)
                 samples[arm].append(time.perf_counter() - started)
             with torch.no_grad():
@@ -213,12 +219,22 @@ def child_shape(spec: dict[str, Any]) -> dict[str, Any]:
                 _ = logits.logsumexp(-1)
                 _sync(device)
                 samples["head"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                context_free_vectors(model, distinct, "hidden")
+                _sync(device)
+                samples["relevance"].append(time.perf_counter() - started)
         rows.append({"length": int(length), "examples": n, "response_tokens": int(response.sum()),
-                     "prompt_gain_tokens": fed,
+                     "prompt_gain_tokens": fed, "distinct_response_tokens": int(distinct.size),
                      **{f"{k}_seconds": median(v) for k, v in samples.items()},
-                     "time_ratio": round(median([x / f for x, f in zip(samples["xtf"], samples["floor"], strict=True)]), 3)})
-    captured = len(resolve_layers(XTFConfig().ri_layers, spec["layers"]))
+                     "time_ratio": _paired_ratio(samples["xtf"], samples["floor"]),
+                     "paper_time_ratio": _paired_ratio(samples["paper"], samples["floor"])})
+    captured = len(resolve_layers(XTFConfig(preset="paper").ri_layers, spec["layers"]))
     return {"shape": spec["shape"], "layers": spec["layers"], "captured_layers": captured, "rows": rows}
+
+
+def _paired_ratio(arm: list[float], floor: list[float]) -> float:
+    """Median of the per-repeat ratios arm / floor."""
+    return round(median([x / f for x, f in zip(arm, floor, strict=True)]), 3)
 
 
 def _layer_macs(shape: dict[str, Any]) -> float:
@@ -229,12 +245,12 @@ def _layer_macs(shape: dict[str, Any]) -> float:
 
 
 def estimate_full(measured: dict[str, Any], shape: str) -> list[dict[str, Any]]:
-    """XTF / floor for the whole model of `shape` (all its layers, `middle` captured), computed from the parts
-    measured on the shortened model of `measured["shape"]`: per layer, the floor's decoder time (measured minus
-    the LM head, over the layers kept) and the capture (XTF's forward loop minus the floor, over the layers
-    captured); the LM head scales with the hidden size, the capture with heads x head size, a layer with its
-    multiply-adds, and the prompt gain's second pass stays the same share of the floor (a plain forward over the
-    same tokens). Computed, not measured."""
+    """XTF / floor for the whole model of `shape` (all its layers), both presets, computed from the parts measured
+    on the shortened model of `measured["shape"]`: per layer, the floor's decoder time (measured minus the LM head,
+    over the layers kept) and the capture (the paper preset's first pass minus the floor, over the layers captured);
+    the LM head scales with the hidden size, the capture with heads x head size, a layer and the relevance table
+    with a layer's multiply-adds, and the default's second pass stays the same share of the floor (a plain forward
+    over the same tokens). Computed, not measured."""
     from xtf_plugin.scoring.attention import resolve_layers
 
     base, target = SHAPES[measured["shape"]], SHAPES[shape]
@@ -246,16 +262,21 @@ def estimate_full(measured: dict[str, Any], shape: str) -> list[dict[str, Any]]:
     out = []
     for row in measured["rows"]:
         layer = (row["floor_seconds"] - row["head_seconds"]) / measured["layers"]
-        capture = max(row["xtf_forward_seconds"] - row["floor_seconds"], 0.0) / measured["captured_layers"]
+        floor = layers * layer * layer_scale + row["head_seconds"] * head_scale
         gain_share = row["prompt_gain_seconds"] / row["floor_seconds"]
         rest = max(row["xtf_seconds"] - row["xtf_forward_seconds"] - row["prompt_gain_seconds"], 0.0)
-        floor = layers * layer * layer_scale + row["head_seconds"] * head_scale
-        xtf = floor * (1 + gain_share) + captured * capture * capture_scale + rest
+        xtf = floor * (1 + gain_share) + rest
+        capture = max(row["paper_forward_seconds"] - row["floor_seconds"], 0.0) / measured["captured_layers"]
+        relevance = layers * row["relevance_seconds"] / measured["layers"] * layer_scale
+        paper_rest = max(row["paper_seconds"] - row["paper_forward_seconds"] - row["relevance_seconds"], 0.0)
+        paper = floor + captured * capture * capture_scale + relevance + paper_rest
         out.append({"shape": shape, "layers": layers, "captured_layers": captured, "length": row["length"],
                     "examples": row["examples"], "time_ratio_computed": round(xtf / floor, 3),
+                    "paper_time_ratio_computed": round(paper / floor, 3),
                     "lm_head_share_of_floor": round(row["head_seconds"] * head_scale / floor, 3),
+                    "prompt_gain_share_of_floor": round(gain_share, 3),
                     "capture_share_of_floor": round(captured * capture * capture_scale / floor, 3),
-                    "prompt_gain_share_of_floor": round(gain_share, 3)})
+                    "relevance_share_of_floor": round(relevance / floor, 3)})
     return out
 
 
@@ -497,7 +518,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             "seconds": median(scaling["times"][str(n)]),
             "seconds_per_example_vs_1x": round(median(scaling["times"][str(n)]) / n / base, 3),
             "floor_seconds": median(scaling["floor_times"][str(n)]),
-            "time_ratio": round(median([x / f for x, f in zip(scaling["times"][str(n)], scaling["floor_times"][str(n)], strict=True)]), 3),
+            "time_ratio": _paired_ratio(scaling["times"][str(n)], scaling["floor_times"][str(n)]),
         }
         for n in sizes
     ]
@@ -579,16 +600,21 @@ def tables(summary: dict[str, Any], official_max: int) -> str:
     out += process_table(summary["whole_process"])
     out += ["", f"### Model shape: {summary['shape_model']} (measured)", ""]
     out.append(markdown_table(
-        ["length", "examples", "floor s", "XTF s", "time ratio", "LM head s", "first pass s", "second pass s (tokens)"],
+        ["length", "examples", "floor s", "XTF s", "time ratio", "second pass s (tokens)", "`paper` s",
+         "`paper` ratio", "LM head s", "relevance table s"],
         [[r["length"], r["examples"], f"{r['floor_seconds']:.2f}", f"{r['xtf_seconds']:.2f}", f"**{r['time_ratio']:.3f}**",
-          f"{r['head_seconds']:.2f}", f"{r['xtf_forward_seconds']:.2f}",
-          f"{r['prompt_gain_seconds']:.2f} ({r['prompt_gain_tokens']} of {r['response_tokens']})"] for r in summary["shape"]]))
+          f"{r['prompt_gain_seconds']:.2f} ({r['prompt_gain_tokens']} of {r['response_tokens']})",
+          f"{r['paper_seconds']:.2f}", f"{r['paper_time_ratio']:.3f}", f"{r['head_seconds']:.2f}",
+          f"{r['relevance_seconds']:.2f}"] for r in summary["shape"]]))
     if summary["shape_computed"]:
         out += ["", "### Whole models, computed from the parts measured above (not measured)", ""]
         out.append(markdown_table(
-            ["shape", "layers (captured)", "length", "XTF / floor", "LM head share", "capture share", "second pass share"],
+            ["shape", "layers (captured by `paper`)", "length", "XTF / floor", "second pass share", "`paper` / floor",
+             "capture share", "relevance table share", "LM head share"],
             [[r["shape"], f"{r['layers']} ({r['captured_layers']})", r["length"], f"**{r['time_ratio_computed']:.3f}**",
-              f"{r['lm_head_share_of_floor']:.3f}", f"{r['capture_share_of_floor']:.3f}", f"{r['prompt_gain_share_of_floor']:.3f}"]
+              f"{r['prompt_gain_share_of_floor']:.3f}", f"{r['paper_time_ratio_computed']:.3f}",
+              f"{r['capture_share_of_floor']:.3f}", f"{r['relevance_share_of_floor']:.3f}",
+              f"{r['lm_head_share_of_floor']:.3f}"]
              for r in summary["shape_computed"]]))
     return "\n".join(out)
 
