@@ -84,7 +84,7 @@ def test_settings_above_the_floor_reuse_the_cached_gain(model, tiny_tokenizer, n
     first = score_dataset(model, tiny_tokenizer, noisy_data, XTFConfig(cache_dir=cache), progress=False)
     assert first.stats["forward_passes"] > 0
     assert 0 < np.isfinite(first.scores.tr).sum() < first.response.sum() / 2  # the defaults feed a few spans
-    for settings in ({}, {"drop_ratio": 0.2}, {"span_ungrounded_k": GAIN_SPAN_K + 0.3}):
+    for settings in ({}, {"drop_ratio": 0.2}, {"span_ungrounded_k": GAIN_SPAN_K + 0.3}, {"span_fence_k": 2.7}):
         again = score_dataset(model, tiny_tokenizer, noisy_data, XTFConfig(cache_dir=cache, **settings), progress=False)
         assert again.stats["forward_passes"] == 0, settings
     np.testing.assert_array_equal(again.scores.tr, first.scores.tr)

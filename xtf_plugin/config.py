@@ -12,7 +12,7 @@ matters for the score cache:
   `tr_otsu_classes`, `tr_mask_classes`, `span_fence_k`, `span_ungrounded_k`, `protect`) only change which scored
   tokens are masked; changing them never re-runs the model, except the prompt gain's second pass, which feeds
   only what the selection reads (`selection.prompt_gain_wanted`): a `mode` other than spans, or a `span_*_k`
-  below `selection.GAIN_SPAN_K`, feeds more.
+  lowered to about `selection.GAIN_SPAN_K`, feeds more.
 """
 
 from __future__ import annotations

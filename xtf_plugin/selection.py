@@ -52,10 +52,11 @@ when the prompt makes its words more likely on average; when it is not, the phra
 a real sentence, and the whole span is masked."""
 
 GAIN_SPAN_K = 2.0
-"""Spans mode with the prompt gain: the gain is computed only for the spans more than this many robust standard
-deviations above the median span (or more than the lower of `span_fence_k` and `span_ungrounded_k`, where a user
-sets one lower), the only spans whose gain the selection reads: the second pass skips the rest of the dataset.
-Below the defaults (2.5 and 3.0), so that changing either a little reuses the cached gains."""
+"""Spans mode with the prompt gain: the gain is computed for the spans more than this many robust standard
+deviations above the median span (median and scale as the default `span_fence_k` fits them), and for any other
+span the settings make the selection read (a `span_fence_k` or `span_ungrounded_k` set lower); the second pass
+skips the rest of the dataset. Below the defaults (2.5 and 3.0) and fitted with a fixed k, so that changing either
+a little reuses the cached gains."""
 
 UNGROUNDED_GAIN = -0.1
 """Spans mode with the prompt gain: a span below the surprise fence is off-task only when the prompt makes its
@@ -443,10 +444,11 @@ def _judged_spans(token_surprise: np.ndarray, spans: Spans, config: XTFConfig
 def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans | None, config: XTFConfig) -> np.ndarray:
     """bool `[n_tokens]`: the response tokens whose prompt gain the selection may read.
 
-    Union and weighted mode read TR everywhere; spans mode only in the spans that are not templates and lie
-    above `median + min(GAIN_SPAN_K, span_fence_k, span_ungrounded_k) * scale` (or the surprise fence): those
-    above the fence (is the rest of an off-task phrase's span grounded?) and those above the lower fence (is the
-    span grounded at all?). `scores.kn` must be final; `scores.tr` is not read.
+    Union and weighted mode read TR everywhere; spans mode only in the spans that are not templates and lie above
+    the surprise fence (is the rest of an off-task phrase's span grounded?) or above the lower fence `median +
+    span_ungrounded_k * scale` (is the span grounded at all?). The tokens returned are those of every such span,
+    and of every span above `GAIN_SPAN_K`'s floor, which does not move with the settings. `scores.kn` must be
+    final; `scores.tr` is not read.
     """
     response = np.asarray(response, dtype=bool)
     if config.mode != "spans":
@@ -456,8 +458,10 @@ def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans |
     _, judged, (fence, median, scale) = _judged_spans(surprise(scores.kn), spans, config)
     if not math.isfinite(fence):
         return np.zeros_like(response)
-    lowest = min(fence, median + min(GAIN_SPAN_K, config.span_fence_k, config.span_ungrounded_k) * scale)
-    chosen = (judged > lowest) & ~spans.template
+    _, floor_median, floor_scale = robust_fence(judged, XTFConfig.model_fields["span_fence_k"].default)
+    floor = floor_median + GAIN_SPAN_K * floor_scale if math.isfinite(floor_scale) else math.inf
+    read = min(fence, median + config.span_ungrounded_k * scale)
+    chosen = (judged > min(read, floor)) & ~spans.template
     return response & (spans.ids >= 0) & chosen[np.maximum(spans.ids, 0)]
 
 
