@@ -10,8 +10,8 @@ the examples at all (see `relevance.py`).
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
-from contextlib import nullcontext
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,31 @@ class ScoringStats:
     def tokens_per_second(self) -> float:
         """Tokens scored per wall-clock second."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@contextmanager
+def _scoring_run(model: torch.nn.Module, total: int, desc: str, progress: bool, stats: ScoringStats) -> Iterator[tqdm]:
+    """Eval mode and a tqdm bar over `total` tokens (shown when the run takes more than two seconds) for one
+    scoring run; the model's mode comes back whatever happens, and a finished run adds its time to `stats`."""
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, delay=2, disable=not progress)
+    try:
+        yield bar
+    finally:
+        bar.close()
+        model.train(was_training)
+    stats.seconds += time.perf_counter() - started
+    stats.tokens += total
+
+
+def _decode(decoder: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor, stats: ScoringStats) -> torch.Tensor:
+    """`[B, L, hidden]` final hidden states of one right-padded batch (the decoder alone: no LM head)."""
+    # without padding the attention needs no mask: the causal kernel alone, no [B, 1, L, L] mask
+    mask = None if bool(valid.all()) else valid.long()
+    stats.forward_passes += 1
+    return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -144,52 +169,39 @@ def score_forward(
     scores = TokenScores.empty(lengths)
     if not input_ids:
         return scores
-    was_training = model.training
-    model.eval()
     device = _device_of(model)
     decoder = model.get_decoder()
     layers = resolve_layers(config.ri_layers, model.config.num_hidden_layers)
     plan = [b for i, b in enumerate(forward_plan(input_ids, config)) if batches is None or i in batches]
     total = sum(lengths[i] for batch in plan for i in batch)
-    started = time.perf_counter()
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="xtf scoring", delay=2, disable=not progress)
-    try:
-        # without RI layers (`ri_layers: none`) the model runs its own attention, untouched
-        capturing = capture_attention_received(model, layers, config.ri_exclude_sink) if layers else nullcontext()
-        with capturing as capture:
-            for batch in plan:
-                ids, valid = _pad_right([np.asarray(input_ids[i]) for i in batch], device)
-                trained, _ = _pad_right([np.asarray(labels[i]) != -100 for i in batch], device)
-                trained = trained.bool() & valid
-                if capture is not None:
-                    capture.begin(valid)
-                # without padding the attention needs no mask: the causal kernel alone, no [B, 1, L, L] mask
-                mask = None if bool(valid.all()) else valid.long()
-                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                stats.forward_passes += 1
-                log_probs = _log_probs_at(model, hidden, ids, trained)
-                if capture is not None:
-                    ri = capture.result()
-                    capture.end()
-                else:
-                    ri = torch.full_like(log_probs, float("nan"))
-                _check_finite((log_probs, ri) if capture is not None else (log_probs,), trained,
-                              [first_example + i for i in batch])
-                for row, index in enumerate(batch):
-                    part = slice(int(scores.offsets[index]), int(scores.offsets[index + 1]))
-                    n = lengths[index]
-                    mask = trained[row, :n].cpu().numpy()
-                    mask[0] = False
-                    scores.kn[part] = np.where(mask, novelty_from_log_probs(log_probs[row, :n]).cpu().numpy(), np.nan)
-                    scores.ri[part] = np.where(mask, ri[row, :n].cpu().numpy(), np.nan)
-                    if config.tr_method == "prompt_gain":
-                        scores.tr[part] = np.where(mask, log_probs[row, :n].cpu().numpy(), np.nan)
-                bar.update(int(valid.sum()))
-    finally:
-        bar.close()
-        model.train(was_training)
-    stats.seconds += time.perf_counter() - started
-    stats.tokens += total
+    # without RI layers (`ri_layers: none`) the model runs its own attention, untouched
+    capturing = capture_attention_received(model, layers, config.ri_exclude_sink) if layers else nullcontext()
+    with _scoring_run(model, total, "xtf scoring", progress, stats) as bar, capturing as capture:
+        for batch in plan:
+            ids, valid = _pad_right([np.asarray(input_ids[i]) for i in batch], device)
+            trained, _ = _pad_right([np.asarray(labels[i]) != -100 for i in batch], device)
+            trained = trained.bool() & valid
+            if capture is not None:
+                capture.begin(valid)
+            hidden = _decode(decoder, ids, valid, stats)
+            log_probs = _log_probs_at(model, hidden, ids, trained)
+            if capture is not None:
+                ri = capture.result()
+                capture.end()
+            else:
+                ri = torch.full_like(log_probs, float("nan"))
+            _check_finite((log_probs, ri) if capture is not None else (log_probs,), trained,
+                          [first_example + i for i in batch])
+            for row, index in enumerate(batch):
+                part = slice(int(scores.offsets[index]), int(scores.offsets[index + 1]))
+                n = lengths[index]
+                mask = trained[row, :n].cpu().numpy()
+                mask[0] = False
+                scores.kn[part] = np.where(mask, novelty_from_log_probs(log_probs[row, :n]).cpu().numpy(), np.nan)
+                scores.ri[part] = np.where(mask, ri[row, :n].cpu().numpy(), np.nan)
+                if config.tr_method == "prompt_gain":
+                    scores.tr[part] = np.where(mask, log_probs[row, :n].cpu().numpy(), np.nan)
+            bar.update(int(valid.sum()))
     return scores
 
 
@@ -250,15 +262,11 @@ def alone_log_probs(
     if anchor is None:
         anchor = model.config.eos_token_id
     anchor = int(anchor[0] if isinstance(anchor, (list, tuple)) else (anchor or 0))
-    was_training = model.training
-    model.eval()
     device = _device_of(model)
     decoder = model.get_decoder()
     starts = {i: _response_start(labels[i]) for batch in plan for i in batch}
     total = sum(stops[i] - starts[i] for batch in plan for i in batch)
-    started = time.perf_counter()
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="xtf prompt gain", delay=2, disable=not progress)
-    try:
+    with _scoring_run(model, total, "xtf prompt gain", progress, stats) as bar:
         for batch in plan:
             spans = [(starts[i], int(stops[i])) for i in batch]
             ids, valid = _pad_right([np.concatenate([[anchor], np.asarray(input_ids[i][a:b])]) for i, (a, b)
@@ -266,20 +274,12 @@ def alone_log_probs(
             trained, _ = _pad_right([np.concatenate([[False], np.asarray(labels[i][a:b]) != -100]) for i, (a, b)
                                      in zip(batch, spans, strict=True)], device)
             trained = trained.bool() & valid
-            mask = None if bool(valid.all()) else valid.long()
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            stats.forward_passes += 1
-            log_probs = _log_probs_at(model, hidden, ids, trained)
+            log_probs = _log_probs_at(model, _decode(decoder, ids, valid, stats), ids, trained)
             _check_finite((log_probs,), trained, [first_example + i for i in batch])
             for row, (index, (a, b)) in enumerate(zip(batch, spans, strict=True)):
                 values = torch.where(trained[row, 1 : 1 + b - a], log_probs[row, 1 : 1 + b - a], float("nan"))
                 out[offsets[index] + a : offsets[index] + b] = values.cpu().numpy()
             bar.update(int(valid.sum()))
-    finally:
-        bar.close()
-        model.train(was_training)
-    stats.seconds += time.perf_counter() - started
-    stats.tokens += total
     return out
 
 
