@@ -117,3 +117,12 @@ def test_alone_pass_stops_where_told(model, noisy_data):
     # examples 0, 1 and 5 are not fed: three examples, in one batch of at most four
     assert alone_plan(labels, stops, config) == [[3, 2, 4]] and stats.forward_passes == 1
     assert stats.tokens == (stops[2] - starts[2]) + (stops[3] - starts[3]) + 1
+
+
+def test_union_mode_feeds_every_response_and_nothing_when_tr_is_off(model, tiny_tokenizer, noisy_data):
+    everywhere = XTFConfig(preset="paper", tr_method="prompt_gain")
+    scored = score_dataset(model, tiny_tokenizer, noisy_data, everywhere, progress=False, use_cache=False)
+    np.testing.assert_array_equal(np.isfinite(scored.scores.tr), scored.response & np.isfinite(scored.scores.kn))
+    off = everywhere.model_copy(update={"weights": everywhere.weights.model_copy(update={"relevance": 0.0})})
+    unread = score_dataset(model, tiny_tokenizer, noisy_data, off, progress=False, use_cache=False)
+    assert unread.stats["prompt_gain_tokens"] == 0 and np.isnan(unread.scores.tr).all()

@@ -2,8 +2,9 @@
 
 `score_dataset` scores (through the cache, in shards of examples so an interrupted run resumes from the
 finished shards), fills vector TR from the per-token relevance table, marks protected tokens, finds the spans,
-runs the prompt gain's second pass for the tokens the selection reads it for, and runs the selection. Under torch.distributed (accelerate, torchrun, DeepSpeed) all ranks call it together: they split the
-forward passes and every rank gets the same scores.
+runs the prompt gain's second pass for the tokens the selection reads it at, and runs the selection. Under
+torch.distributed (accelerate, torchrun, DeepSpeed) all ranks call it together: they split the forward passes
+and every rank gets the same scores.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ SHARD_EXAMPLES = 256
 class ScoredDataset:
     """Tokenised examples with their scores, protected tokens and current selection (all flat, see
     `TokenScores`): what `score_dataset` returns and `output.read_output_dir` reads back (then with the
-    `summary` and the `source` folder, and `texts` once `output.attach_texts` has run)."""
+    `summary` and the `source` folder, and `texts` once `output.attach_texts` has run).
+
+    With the prompt gain in spans mode, `scores.tr` is NaN outside the spans this selection read it in: selecting
+    again with lower `span_*_k` or another mode needs scores from a run with those settings (a missing gain counts
+    as grounded)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
@@ -115,7 +120,7 @@ def score_dataset(
     progress: bool = True,
     use_cache: bool = True,
 ) -> ScoredDataset:
-    """Score every response token, then select.
+    """Score the response tokens (RI, KN and TR as the config asks for them), then select.
 
     Args:
         model: the frozen causal LM to score with (the one about to be fine-tuned).
@@ -173,7 +178,8 @@ def score_dataset(
             "total_seconds": round(time.perf_counter() - started, 3),
             "forward_passes": stats.forward_passes + gain_stats.forward_passes,
             "tokens_scored_by_model": stats.tokens + gain_stats.tokens,
-            "tokens_per_second": round(stats.tokens_per_second, 1),
+            "tokens_per_second": round((stats.tokens + gain_stats.tokens) / max(stats.seconds + gain_stats.seconds,
+                                                                               1e-9), 1),
             "prompt_gain_seconds": round(gain_stats.seconds, 3),
             "prompt_gain_tokens": gain_stats.tokens,
             "cached_shards": cached_shards,
@@ -270,6 +276,9 @@ def _fill_prompt_gain(
     The second pass feeds each example's response alone, only as far as its last wanted token, and skips the
     examples without one; a shard's entry is keyed by its forward entry and by how far each example is fed.
     """
+    # every rank decides from rank 0's view: ranks whose per-node caches hold first passes of other runs (other
+    # batches, other last bits) could otherwise disagree on a span at a fence and skip a collective
+    wanted = all_gather(wanted)[0]
     alone = np.full(scores.n_tokens, np.nan, np.float32)
     if not wanted.any():
         scores.tr = alone

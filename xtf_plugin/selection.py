@@ -444,7 +444,8 @@ def _judged_spans(token_surprise: np.ndarray, spans: Spans, config: XTFConfig
 def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans | None, config: XTFConfig) -> np.ndarray:
     """bool `[n_tokens]`: the response tokens whose prompt gain the selection may read.
 
-    Union and weighted mode read TR everywhere; spans mode only in the spans that are not templates and lie above
+    Union and weighted mode read TR everywhere (nowhere with `weights.relevance: 0`); spans mode only in the spans
+    that are not templates and lie above
     the surprise fence (is the rest of an off-task phrase's span grounded?) or above the lower fence `median +
     span_ungrounded_k * scale` (is the span grounded at all?). The tokens returned are those of every such span,
     and of every span above `GAIN_SPAN_K`'s floor, which does not move with the settings. `scores.kn` must be
@@ -452,7 +453,7 @@ def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans |
     """
     response = np.asarray(response, dtype=bool)
     if config.mode != "spans":
-        return response.copy()
+        return response.copy() if config.weights.relevance > 0 else np.zeros_like(response)
     if spans is None or spans.ids.shape != (scores.n_tokens,):
         raise ValueError("mode 'spans' needs the spans of the same tokens (spans.find_spans)")
     _, judged, (fence, median, scale) = _judged_spans(surprise(scores.kn), spans, config)
@@ -599,7 +600,8 @@ def _ensure_trainable(
     selection: Selection, scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig
 ) -> None:
     """Un-mask the least lacking dropped token of any example that would otherwise train on nothing (weighted
-    mode: the highest combined score; union mode: the highest lack rank over the enabled attributes)."""
+    mode: the highest combined score; union mode: the highest lack rank over the enabled attributes; spans mode:
+    over KN, the one score it always has)."""
     for part in scores.example_slices():
         resp = response[part]
         if not resp.any():
@@ -610,7 +612,8 @@ def _ensure_trainable(
         if config.mode == "weighted":
             lack = selection.combined[part].astype(np.float64)
         else:
-            lack = _within_example_lack_rank(scores, part, resp, _enabled_names(config))
+            names = ["novelty"] if config.mode == "spans" else _enabled_names(config)
+            lack = _within_example_lack_rank(scores, part, resp, names)
         dropped = np.flatnonzero(drop)
         rescue = dropped[np.lexsort((dropped, -lack[dropped]))[0]]
         drop[rescue] = 0

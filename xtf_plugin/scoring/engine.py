@@ -279,7 +279,7 @@ def alone_log_probs(
             for row, (index, (a, b)) in enumerate(zip(batch, spans, strict=True)):
                 values = torch.where(trained[row, 1 : 1 + b - a], log_probs[row, 1 : 1 + b - a], float("nan"))
                 out[offsets[index] + a : offsets[index] + b] = values.cpu().numpy()
-            bar.update(int(valid.sum()))
+            bar.update(int(valid.sum()) - len(batch))  # the anchors are not the examples' tokens
     return out
 
 
