@@ -278,7 +278,7 @@ def _fill_prompt_gain(
     """
     # every rank decides from rank 0's view: ranks whose per-node caches hold first passes of other runs (other
     # batches, other last bits) could otherwise disagree on a span at a fence and skip a collective
-    wanted = all_gather(wanted)[0]
+    wanted = np.unpackbits(all_gather(np.packbits(wanted))[0], count=len(wanted)).astype(bool)
     alone = np.full(scores.n_tokens, np.nan, np.float32)
     if not wanted.any():
         scores.tr = alone

@@ -445,21 +445,22 @@ def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans |
     """bool `[n_tokens]`: the response tokens whose prompt gain the selection may read.
 
     Union and weighted mode read TR everywhere (nowhere with `weights.relevance: 0`); spans mode only in the spans
-    that are not templates and lie above
-    the surprise fence (is the rest of an off-task phrase's span grounded?) or above the lower fence `median +
-    span_ungrounded_k * scale` (is the span grounded at all?). The tokens returned are those of every such span,
-    and of every span above `GAIN_SPAN_K`'s floor, which does not move with the settings. `scores.kn` must be
-    final; `scores.tr` is not read.
+    that are not templates and lie above the surprise fence (is the rest of an off-task phrase's span grounded?)
+    or above the lower fence `median + span_ungrounded_k * scale` (is the span grounded at all?). The tokens
+    returned are those of every such span, and of every span above `GAIN_SPAN_K`'s floor, which does not move
+    with the settings. `scores.kn` must be final; `scores.tr` is not read.
     """
     response = np.asarray(response, dtype=bool)
     if config.mode != "spans":
         return response.copy() if config.weights.relevance > 0 else np.zeros_like(response)
     if spans is None or spans.ids.shape != (scores.n_tokens,):
         raise ValueError("mode 'spans' needs the spans of the same tokens (spans.find_spans)")
-    _, judged, (fence, median, scale) = _judged_spans(surprise(scores.kn), spans, config)
+    _, judged, fit = _judged_spans(surprise(scores.kn), spans, config)
+    fence, median, scale = fit
     if not math.isfinite(fence):
         return np.zeros_like(response)
-    _, floor_median, floor_scale = robust_fence(judged, XTFConfig.model_fields["span_fence_k"].default)
+    reference_k = XTFConfig.model_fields["span_fence_k"].default
+    _, floor_median, floor_scale = fit if config.span_fence_k == reference_k else robust_fence(judged, reference_k)
     floor = floor_median + GAIN_SPAN_K * floor_scale if math.isfinite(floor_scale) else math.inf
     read = min(fence, median + config.span_ungrounded_k * scale)
     chosen = (judged > min(read, floor)) & ~spans.template

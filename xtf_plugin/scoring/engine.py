@@ -185,20 +185,19 @@ def score_forward(
                 capture.begin(valid)
             hidden = _decode(decoder, ids, valid, stats)
             log_probs = _log_probs_at(model, hidden, ids, trained)
+            ri = None
             if capture is not None:
                 ri = capture.result()
                 capture.end()
-            else:
-                ri = torch.full_like(log_probs, float("nan"))
-            _check_finite((log_probs, ri) if capture is not None else (log_probs,), trained,
-                          [first_example + i for i in batch])
+            _check_finite((log_probs,) if ri is None else (log_probs, ri), trained, [first_example + i for i in batch])
             for row, index in enumerate(batch):
                 part = slice(int(scores.offsets[index]), int(scores.offsets[index + 1]))
                 n = lengths[index]
                 mask = trained[row, :n].cpu().numpy()
                 mask[0] = False
                 scores.kn[part] = np.where(mask, novelty_from_log_probs(log_probs[row, :n]).cpu().numpy(), np.nan)
-                scores.ri[part] = np.where(mask, ri[row, :n].cpu().numpy(), np.nan)
+                if ri is not None:  # else RI stays NaN
+                    scores.ri[part] = np.where(mask, ri[row, :n].cpu().numpy(), np.nan)
                 if config.tr_method == "prompt_gain":
                     scores.tr[part] = np.where(mask, log_probs[row, :n].cpu().numpy(), np.nan)
             bar.update(int(valid.sum()))
