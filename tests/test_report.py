@@ -187,3 +187,35 @@ def test_html_viewer_holds_at_most_max_examples(scored_dir, tmp_path):
     assert main(["report", str(scored_dir), "--html", str(html)]) == 0
     assert "The viewer holds the first" not in html.read_text()
     assert main(["report", str(scored_dir), "--html", str(html), "--max-examples", "0"]) == 2
+
+
+def test_the_report_reads_a_part_at_a_time_and_says_the_same(scored_dir, tmp_path, monkeypatch, capsys):
+    """`xtf report` reads the folder one part of the examples at a time (the whole is never held; the viewer's
+    examples are read alone): with parts of 5 examples the page, the token export and the terminal view equal
+    those read in one part, and the figures equal those of the whole dataset in memory."""
+    import xtf_plugin.output as output
+    from xtf_plugin.report.html import render_html
+
+    folder = output.ScoredFolder(scored_dir)
+    whole = read_output_dir(scored_dir)
+    assert folder.n_examples == whole.n_examples == 12
+    written = {}
+    for rows in (5, 10**6):
+        monkeypatch.setattr(output, "ROWS_PER_GROUP", rows)
+        parts = list(output.ScoredFolder(scored_dir).parts())
+        assert [first for first, _ in parts] == ([0, 5, 10] if rows == 5 else [0])
+        assert np.array_equal(np.concatenate([p.input_ids for _, p in parts]), whole.input_ids)
+        assert np.array_equal(np.concatenate([p.selection.reasons for _, p in parts]), whole.selection.reasons)
+        head = output.ScoredFolder(scored_dir).first_examples(7)
+        assert head.n_examples == 7 and np.array_equal(head.input_ids, whole.input_ids[: whole.offsets[7]])
+        page, tokens = tmp_path / f"page-{rows}.html", tmp_path / f"tokens-{rows}.jsonl"
+        assert main(["report", str(scored_dir), "--html", str(page), "--tokens", str(tokens), "--max-examples", "7"]) == 0
+        capsys.readouterr()
+        assert main(["report", str(scored_dir), "--examples", "6"]) == 0
+        written[rows] = page.read_text(), tokens.read_text(), capsys.readouterr().out
+    assert written[5] == written[10**6]
+    in_memory = render_html(attach_texts(whole), max_examples=7)
+    assert written[5][0] == in_memory
+    viewer = json.loads(in_memory[in_memory.index('{"vocab":'):].split("</script>")[0].rstrip().rstrip(";").replace("<\\/", "</"))
+    shown = whole.response[: whole.offsets[7]]
+    assert len(viewer["examples"]) == 7 and len(viewer["vocab"]) == np.unique(whole.input_ids[: whole.offsets[7]][shown]).size

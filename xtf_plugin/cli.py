@@ -107,9 +107,9 @@ def _score_and_write(
 
 def command_report(args: argparse.Namespace) -> int:
     """`xtf report`: explain a scored folder: HTML report, per-token JSONL, or terminal summary and examples."""
-    from xtf_plugin.output import attach_texts, read_output_dir
+    from xtf_plugin.output import ScoredFolder, attach_texts
 
-    scored = read_output_dir(args.dir)
+    folder = ScoredFolder(args.dir)
     if args.examples < 0:
         raise XTFError(f"--examples {args.examples}: expected a count >= 0")
     if args.page_size < 1:
@@ -117,25 +117,25 @@ def command_report(args: argparse.Namespace) -> int:
     if args.max_examples < 1:
         raise XTFError(f"--max-examples {args.max_examples}: expected a count >= 1")
     if args.html or args.tokens or args.examples:
-        attach_texts(scored, args.model)
+        attach_texts(folder, args.model)
     if args.html:
         from xtf_plugin.report.html import write_html
 
-        print(f"wrote {write_html(scored, args.html, page_size=args.page_size, max_examples=args.max_examples)}")
+        print(f"wrote {write_html(folder, args.html, page_size=args.page_size, max_examples=args.max_examples)}")
     if args.tokens:
         from xtf_plugin.report.export import write_tokens_jsonl
 
-        rows = write_tokens_jsonl(scored, args.tokens)
+        rows = write_tokens_jsonl(folder, args.tokens)
         print(f"wrote {args.tokens} ({rows:,} tokens)")
     if not (args.html or args.tokens) or args.examples:
         from xtf_plugin.report.summary import render_summary
         from xtf_plugin.report.terminal import print_examples
 
-        if not scored.summary:
+        if not folder.summary:
             raise XTFError(f"{args.dir}: no summary.json; expected the output folder of `xtf score`")
-        render_summary(scored.summary, title=f"XTF summary ({args.dir})")
+        render_summary(folder.summary, title=f"XTF summary ({args.dir})")
         if args.examples:
-            print_examples(scored, args.examples)
+            print_examples(folder.first_examples(args.examples), args.examples)
     return 0
 
 

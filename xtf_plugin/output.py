@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,61 +129,129 @@ def _flat(table: Any, column: str, dtype: Any) -> np.ndarray:
     return np.concatenate(values).astype(dtype) if values else np.zeros(0, dtype)
 
 
+class ScoredFolder:
+    """An `xtf score` output folder, read a part at a time: what `xtf report` reads, in memory bounded by one part
+    (or by the examples it shows) however many examples the folder holds.
+
+    Attributes:
+        source: the folder.
+        summary: `summary.json` (empty without one).
+        config: the settings of `xtf_config.yaml`.
+        n_examples: examples in `train.parquet`.
+        texts: token texts, once `attach_texts` has run.
+    """
+
+    COLUMNS = ("xtf_ri", "xtf_kn", "xtf_tr", "xtf_drop")
+
+    def __init__(self, directory: str | Path) -> None:
+        import pyarrow.parquet as pq
+
+        from xtf_plugin.config import XTFConfigError, to_xtf_config
+
+        path = Path(directory)
+        if not path.is_dir():
+            raise XTFError(f"{directory}: no such folder")
+        if not (path / TRAIN_FILE).is_file():
+            raise XTFError(f"{directory}: no {TRAIN_FILE}; expected the output folder of `xtf score`")
+        try:
+            self._file = pq.ParquetFile(path / TRAIN_FILE)
+        except Exception as error:  # pyarrow raises several types for broken files
+            raise XTFError(f"{path / TRAIN_FILE}: not a readable Parquet file ({error})") from error
+        names = self._file.schema_arrow.names
+        missing = [c for c in ("input_ids", "labels", *self.COLUMNS) if c not in names]
+        if missing:
+            raise XTFError(f"{path / TRAIN_FILE}: missing column(s) {', '.join(missing)}; expected the output of `xtf score`")
+        # `action: remove`: the training columns lack the removed tokens, the xtf_ ones have every token
+        self._ids, self._labels = ("xtf_input_ids", "xtf_labels") if "xtf_input_ids" in names else ("input_ids", "labels")
+        self.summary: dict[str, Any] = {}
+        if (path / SUMMARY_FILE).is_file():
+            try:
+                self.summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise XTFError(f"{path / SUMMARY_FILE}: invalid JSON") from error
+        settings: dict[str, Any] = {}
+        if (path / CONFIG_FILE).is_file():
+            loaded = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+            settings = dict(loaded.get("xtf", loaded)) if isinstance(loaded, dict) else {}
+        try:
+            self.config = to_xtf_config(settings, source=f"{path / CONFIG_FILE}: xtf")
+        except XTFConfigError as error:
+            raise XTFError(f"{error} (written by another version of xtf_plugin? score the data again)") from error
+        self.source = path
+        self.n_examples = self._file.metadata.num_rows
+        self.texts: Any = None
+
+    def parts(self, rows: int | None = None, limit: int | None = None) -> Iterator[tuple[int, Any]]:
+        """(index of its first example, `ScoredDataset`) for consecutive parts of `rows` examples (default
+        `ROWS_PER_GROUP`), up to `limit` examples; each part's offsets start at 0 and it shares `texts`."""
+        first = 0
+        for batch in self._batches(self.n_examples if limit is None else limit, rows or ROWS_PER_GROUP):
+            yield first, self._part(_table_of(batch))
+            first += batch.num_rows
+
+    def first_examples(self, count: int) -> Any:
+        """A `ScoredDataset` of the first `count` examples (or all, if fewer)."""
+        import pyarrow as pa
+
+        tables = [_table_of(batch) for batch in self._batches(count, ROWS_PER_GROUP)]
+        schema = self._file.schema_arrow
+        empty = pa.table({name: pa.array([], schema.field(name).type) for name in (self._ids, self._labels, *self.COLUMNS)})
+        return self._part(pa.concat_tables(tables) if tables else empty)
+
+    def read(self) -> Any:
+        """Every example as one `ScoredDataset` (memory grows with the folder; `parts` does not)."""
+        return self.first_examples(self.n_examples)
+
+    def _batches(self, count: int, rows: int) -> Iterator[Any]:
+        """Record batches of at most `rows` rows holding the first `count` examples."""
+        taken = 0
+        for batch in self._file.iter_batches(batch_size=rows, columns=[self._ids, self._labels, *self.COLUMNS]):
+            if taken >= count:
+                return
+            batch = batch.slice(0, count - taken)
+            taken += batch.num_rows
+            yield batch
+
+    def _part(self, table: Any) -> Any:
+        """The `ScoredDataset` of a table of consecutive rows (labels as before XTF; `protected` and the
+        selection's `flagged` are not stored, so they are empty and equal to the reasons)."""
+        from xtf_plugin.pipeline import ScoredDataset
+        from xtf_plugin.selection import Selection
+        from xtf_plugin.token_scores import TokenScores
+
+        lengths = np.array(table.column(self._ids).combine_chunks().value_lengths().to_numpy(zero_copy_only=False), np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        input_ids = _flat(table, self._ids, np.int64)
+        reasons = _flat(table, "xtf_drop", np.uint8)
+        n = len(input_ids)
+        # the stored labels have XTF's masked tokens at -100; before XTF those were trained on their own token
+        labels = np.where(reasons > 0, input_ids, _flat(table, self._labels, np.int64))
+        scores = TokenScores(offsets, _flat(table, "xtf_ri", np.float32), _flat(table, "xtf_kn", np.float32),
+                             _flat(table, "xtf_tr", np.float32))
+        selection = Selection(reasons, reasons.copy(), np.full(n, np.nan, np.float32),
+                              dict(self.summary.get("thresholds", {})))
+        return ScoredDataset(input_ids, labels, offsets, scores, np.zeros(n, bool), selection, self.config, self.texts,
+                             truncated=int(self.summary.get("examples_truncated", 0)), summary=self.summary,
+                             source=self.source)
+
+
+def _table_of(batch: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_batches([batch])
+
+
 def read_output_dir(directory: str | Path) -> Any:
     """Read `train.parquet`, `summary.json` and `xtf_config.yaml` of an `xtf score` output folder back into the
     `ScoredDataset` that was written (labels as before XTF, reasons, scores, settings; `summary` and `source`
     set; `protected` and the selection's `flagged` are not stored, so they are empty and equal to the reasons).
-    Token texts come with `attach_texts`."""
-    import pyarrow.parquet as pq
-
-    from xtf_plugin.config import XTFConfigError, to_xtf_config
-    from xtf_plugin.pipeline import ScoredDataset
-    from xtf_plugin.selection import Selection
-    from xtf_plugin.token_scores import TokenScores
-
-    path = Path(directory)
-    if not path.is_dir():
-        raise XTFError(f"{directory}: no such folder")
-    if not (path / TRAIN_FILE).is_file():
-        raise XTFError(f"{directory}: no {TRAIN_FILE}; expected the output folder of `xtf score`")
-    table = pq.read_table(path / TRAIN_FILE)
-    required = ("input_ids", "labels", "xtf_ri", "xtf_kn", "xtf_tr", "xtf_drop")
-    missing = [c for c in required if c not in table.column_names]
-    if missing:
-        raise XTFError(f"{path / TRAIN_FILE}: missing column(s) {', '.join(missing)}; expected the output of `xtf score`")
-    # `action: remove`: the training columns lack the removed tokens, the xtf_ ones have every token
-    ids_column, labels_column = ("xtf_input_ids", "xtf_labels") if "xtf_input_ids" in table.column_names else ("input_ids", "labels")
-    lengths = np.array(table.column(ids_column).combine_chunks().value_lengths().to_numpy(zero_copy_only=False), np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    summary: dict[str, Any] = {}
-    if (path / SUMMARY_FILE).is_file():
-        try:
-            summary = json.loads((path / SUMMARY_FILE).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise XTFError(f"{path / SUMMARY_FILE}: invalid JSON") from error
-    settings: dict[str, Any] = {}
-    if (path / CONFIG_FILE).is_file():
-        loaded = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-        settings = dict(loaded.get("xtf", loaded)) if isinstance(loaded, dict) else {}
-    try:
-        config = to_xtf_config(settings, source=f"{path / CONFIG_FILE}: xtf")
-    except XTFConfigError as error:
-        raise XTFError(f"{error} (written by another version of xtf_plugin? score the data again)") from error
-    input_ids = _flat(table, ids_column, np.int64)
-    reasons = _flat(table, "xtf_drop", np.uint8)
-    n = len(input_ids)
-    # the stored labels have XTF's masked tokens at -100; before XTF those were trained on their own token
-    labels = np.where(reasons > 0, input_ids, _flat(table, labels_column, np.int64))
-    scores = TokenScores(offsets, _flat(table, "xtf_ri", np.float32), _flat(table, "xtf_kn", np.float32),
-                         _flat(table, "xtf_tr", np.float32))
-    selection = Selection(reasons, reasons.copy(), np.full(n, np.nan, np.float32), dict(summary.get("thresholds", {})))
-    return ScoredDataset(input_ids, labels, offsets, scores, np.zeros(n, bool), selection, config, None,
-                         truncated=int(summary.get("examples_truncated", 0)), summary=summary, source=path)
+    Token texts come with `attach_texts`; `ScoredFolder` reads a part at a time."""
+    return ScoredFolder(directory).read()
 
 
 def attach_texts(scored: Any, model: str | None = None) -> Any:
-    """Decode each distinct token id once with the tokenizer of `model` (default: the `model` recorded in
-    `summary.json`; `demo` resolves to the demo model)."""
+    """Give a `ScoredDataset` or `ScoredFolder` the token texts of `model`'s tokenizer (default: the `model`
+    recorded in `summary.json`; `demo` resolves to the demo model), each distinct id decoded once, when asked."""
     from xtf_plugin.models import load_tokenizer
     from xtf_plugin.tokens import TokenTexts
 
@@ -190,5 +259,4 @@ def attach_texts(scored: Any, model: str | None = None) -> Any:
     if not name:
         raise XTFError(f"{scored.source}: summary.json names no model; pass --model PATH")
     scored.texts = TokenTexts(load_tokenizer(str(name)))
-    scored.texts.prepare(np.unique(scored.input_ids).tolist())
     return scored

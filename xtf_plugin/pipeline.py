@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,14 @@ class ScoredDataset:
     def example_slice(self, index: int) -> slice:
         """Positions of example `index` in the flat arrays."""
         return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+    def parts(self, rows: int | None = None, limit: int | None = None) -> Iterator[tuple[int, ScoredDataset]]:
+        """(0, itself): the in-memory counterpart of `output.ScoredFolder.parts`, whose readers take either."""
+        yield 0, self
+
+    def first_examples(self, count: int) -> ScoredDataset:
+        """Itself, which holds the first `count` examples (`output.ScoredFolder.first_examples` reads just those)."""
+        return self
 
     def per_example(self, flat: np.ndarray) -> list[np.ndarray]:
         """Cut a flat `[n_tokens]` array into one array per example."""

@@ -14,18 +14,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xtf_plugin.config import ATTRIBUTE_REGISTRY, ATTRIBUTES, SHORT_NAMES
-from xtf_plugin.report.stats import dropped_fractions, per_example_counts, score_histograms
+from xtf_plugin.report.stats import ScoreHistograms, dropped_fractions, per_example_counts
 from xtf_plugin.report.summary import (
+    DroppedTokens,
+    combinations_of,
+    counts_by_reason,
     dropped_span_counts,
     filtered_verb,
-    pairwise_overlaps,
-    reason_combinations,
-    reason_counts,
+    overlaps_of,
     span_gain_text,
-    top_dropped_tokens,
+    value_counts,
 )
 
 if TYPE_CHECKING:
+    from xtf_plugin.output import ScoredFolder
     from xtf_plugin.pipeline import ScoredDataset
 
 COLORS: dict[str, str] = {"reasoning": "#e45756", "novelty": "#4c78a8", "relevance": "#54a24b", "several": "#e8b90f"}
@@ -206,6 +208,10 @@ def _top_tokens_html(tops: dict[str, list[tuple[str, int]]]) -> str:
     return "".join(parts)
 
 
+def _score_columns(scored: ScoredDataset) -> dict[str, np.ndarray]:
+    return {"reasoning": scored.scores.ri, "novelty": scored.scores.kn, "relevance": scored.scores.tr}
+
+
 def _numbers(values: np.ndarray) -> np.ndarray:
     """Compact JSON numbers (3 significant digits, `null` for NaN)."""
     # wide enough for "null": "%.3g" of NaN alone would give a 3-character dtype that truncates it to "nul"
@@ -220,20 +226,22 @@ DEFAULT_MAX_EXAMPLES = 5000
 
 
 def examples_json(scored: ScoredDataset, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
-    """The viewer's data for the first `max_examples` examples: `vocab` (distinct token texts) and one row per example:
-    `[index, response tokens, dropped tokens, reason mask, vocab indices, reason bits, ri, kn, tr]`, response
-    tokens only (bits 1/2/4/8 as in `xtf_drop`; mask bit 16: some token has several reasons)."""
-    response = scored.response
-    ids = scored.input_ids[response]
+    """The viewer's data for the first `max_examples` examples: `vocab` (the distinct texts of their response tokens)
+    and one row per example: `[index, response tokens, dropped tokens, reason mask, vocab indices, reason bits, ri,
+    kn, tr]`, response tokens only (bits 1/2/4/8 as in `xtf_drop`; mask bit 16: some token has several reasons)."""
+    shown = min(scored.n_examples, max_examples)
+    end = int(scored.offsets[shown])
+    response = scored.response[:end]
+    ids = scored.input_ids[:end][response]
     vocab_ids, inverse = np.unique(ids, return_inverse=True)
     vocab = scored.texts.of(vocab_ids.tolist())
-    drop = scored.selection.reasons[response].astype(np.int64)
-    ri, kn, tr = (_numbers(a[response]) for a in (scored.scores.ri, scored.scores.kn, scored.scores.tr))
-    n_response, n_dropped = per_example_counts(scored.offsets, response, scored.selection.reasons)
+    drop = scored.selection.reasons[:end][response].astype(np.int64)
+    ri, kn, tr = (_numbers(a[:end][response]) for a in (scored.scores.ri, scored.scores.kn, scored.scores.tr))
+    n_response, n_dropped = per_example_counts(scored.offsets[: shown + 1], response, scored.selection.reasons[:end])
     bounds = np.concatenate([[0], np.cumsum(n_response)])
     several = np.array([bin(b).count("1") > 1 for b in range(8)])[drop & 7]
     rows = []
-    for i in range(min(scored.n_examples, max_examples)):
+    for i in range(shown):
         a, b = int(bounds[i]), int(bounds[i + 1])
         bits = drop[a:b]
         mask = int(np.bitwise_or.reduce(bits)) if b > a else 0
@@ -246,14 +254,30 @@ def examples_json(scored: ScoredDataset, max_examples: int = DEFAULT_MAX_EXAMPLE
     return '{"vocab":' + json.dumps(vocab, ensure_ascii=False) + ',"examples":[' + ",\n".join(rows) + "]}"
 
 
-def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
-    """The whole report as one HTML string (token texts must be attached: `output.attach_texts`)."""
-    summary, drop, response = scored.summary, scored.selection.reasons, scored.response
-    n_response = int(response.sum())
-    n_dropped = int((drop > 0).sum())
-    counts = reason_counts(drop)
+def render_html(scored: ScoredDataset | ScoredFolder, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> str:
+    """The whole report as one HTML string (token texts must be attached: `output.attach_texts`). A `ScoredFolder`
+    is read a part at a time, twice (the histograms' range, then their counts), and only the examples the viewer
+    embeds are held together."""
+    summary = scored.summary
+    values = np.zeros(256, np.int64)
+    dropped_ids = DroppedTokens()
+    histograms = ScoreHistograms(summary)
+    per_resp_parts, per_drop_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for _, part in scored.parts():
+        drop, response = part.selection.reasons, part.response
+        values += value_counts(drop)
+        dropped_ids.add(part.input_ids, drop)
+        counted = per_example_counts(part.offsets, response, drop)
+        per_resp_parts.append(counted[0])
+        per_drop_parts.append(counted[1])
+        histograms.observe(_score_columns(part), response)
+    for _, part in scored.parts():
+        histograms.count(_score_columns(part), part.response, part.selection.reasons)
+    per_resp, per_drop = np.concatenate(per_resp_parts), np.concatenate(per_drop_parts)
+    n_response = int(per_resp.sum())
+    n_dropped = int(values[1:].sum())
+    counts = counts_by_reason(values)
     pct = lambda n: f"{n / n_response:.1%}" if n_response else "0%"  # noqa: E731
-    per_resp, per_drop = per_example_counts(scored.offsets, response, drop)
     fractions = dropped_fractions(per_resp, per_drop)
     rows = [
         ("scored folder", _esc(scored.source.name)),
@@ -266,7 +290,7 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
             (f"lacking {name} ({SHORT_NAMES[name]})", f"<span class='sw' style='background:{COLORS[name]}'></span>{counts[name]:,} ({pct(counts[name])})")
             for name in ATTRIBUTES
         ),
-        *((f"overlap {k}", f"{v:,}") for k, v in pairwise_overlaps(drop).items()),
+        *((f"overlap {k}", f"{v:,}") for k, v in overlaps_of(values).items()),
         ("examples with a dropped token", f"{int((per_drop > 0).sum()):,}"),
         ("dropped fraction per example", f"median {np.median(fractions) if len(fractions) else 0:.1%}, max {fractions.max() if len(fractions) else 0:.1%}"),
     ]
@@ -296,11 +320,11 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
             f"only its surprising phrase</p><table><tr>{headings}</tr>"
             + (items or "<tr><td colspan='3'>none</td></tr>") + "</table></section>"
         )
-    hists = score_histograms({"reasoning": scored.scores.ri, "novelty": scored.scores.kn, "relevance": scored.scores.tr}, response, drop, summary)
+    hists = histograms.result()
     if scored.config.ri_layers == "none":
         hists["reasoning"]["empty"] = "not scored: ri_layers is none (spans selection reads no RI)"
-    tops = top_dropped_tokens(scored.input_ids, drop, scored.texts, limit=10)
-    data = examples_json(scored, max_examples).replace("</", "<\\/")
+    tops = dropped_ids.top(scored.texts, limit=10)
+    data = examples_json(scored.first_examples(max_examples), max_examples).replace("</", "<\\/")
     shown = min(scored.n_examples, max_examples)
     viewer_note = (
         f"<p class='note' id='truncated'>The viewer holds the first {shown:,} of {scored.n_examples:,} examples "
@@ -319,7 +343,7 @@ def render_html(scored: ScoredDataset, page_size: int = 50, max_examples: int = 
 <section class="grid">
  <div><h2>Dataset</h2>{_table(rows)}</div>
  <div><h2>Reason combinations</h2><p class="note">dropped tokens per exact set of reasons</p>
- {upset_svg(reason_combinations(drop))}
+ {upset_svg(combinations_of(values))}
  <h2>Thresholds</h2>{_table(_thresholds_rows(summary, scored.config.model_dump(mode="json")))}</div>
 </section>
 <section><h2>Scores of response tokens</h2>
@@ -351,7 +375,7 @@ limit how many of the tokens past a threshold are dropped); dashed: thresholds.<
     return TEMPLATE.format(title=_esc(f"XTF report: {scored.source.name}"), css=CSS, body=body, data=data, page_size=int(page_size), js=_script())
 
 
-def write_html(scored: ScoredDataset, path: str | Path, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> Path:
+def write_html(scored: ScoredDataset | ScoredFolder, path: str | Path, page_size: int = 50, max_examples: int = DEFAULT_MAX_EXAMPLES) -> Path:
     """Write the report to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

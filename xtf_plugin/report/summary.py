@@ -13,37 +13,72 @@ from xtf_plugin.config import ATTRIBUTES, REASON_BITS
 from xtf_plugin.selection import SPAN_BIT
 
 
+def value_counts(drop: np.ndarray) -> np.ndarray:
+    """int64 `[256]`: how many tokens have each `xtf_drop` value (0: kept); counts of parts add up."""
+    return np.bincount(np.asarray(drop, np.uint8).astype(np.intp), minlength=256)
+
+
 def reason_counts(drop: np.ndarray) -> dict[str, int]:
     """Attribute -> number of dropped tokens whose reasons include it."""
-    return {name: int(((drop & bit) > 0).sum()) for name, bit in REASON_BITS.items()}
+    return counts_by_reason(value_counts(drop))
 
 
 def pairwise_overlaps(drop: np.ndarray) -> dict[str, int]:
     """`a+b` -> number of dropped tokens that lack both attributes a and b."""
-    return {
-        f"{a}+{b}": int((((drop & REASON_BITS[a]) > 0) & ((drop & REASON_BITS[b]) > 0)).sum())
-        for a, b in combinations(ATTRIBUTES, 2)
-    }
+    return overlaps_of(value_counts(drop))
 
 
 def reason_combinations(drop: np.ndarray) -> dict[str, int]:
     """Exact reason set (e.g. `reasoning+relevance`) -> number of dropped tokens, for UpSet-style charts."""
-    counts = Counter(int(b) for b in drop[drop > 0])
+    return combinations_of(value_counts(drop))
+
+
+def counts_by_reason(values: np.ndarray) -> dict[str, int]:
+    """`reason_counts` from `value_counts`."""
+    bits = np.arange(len(values))
+    return {name: int(values[(bits & bit) > 0].sum()) for name, bit in REASON_BITS.items()}
+
+
+def overlaps_of(values: np.ndarray) -> dict[str, int]:
+    """`pairwise_overlaps` from `value_counts`."""
+    bits = np.arange(len(values))
     return {
-        "+".join(name for name in ATTRIBUTES if bits & REASON_BITS[name]): count
-        for bits, count in sorted(counts.items())
+        f"{a}+{b}": int(values[((bits & REASON_BITS[a]) > 0) & ((bits & REASON_BITS[b]) > 0)].sum())
+        for a, b in combinations(ATTRIBUTES, 2)
     }
+
+
+def combinations_of(values: np.ndarray) -> dict[str, int]:
+    """`reason_combinations` from `value_counts`."""
+    return {
+        "+".join(name for name in ATTRIBUTES if bits & REASON_BITS[name]): int(values[bits])
+        for bits in np.flatnonzero(values[1:]) + 1
+    }
+
+
+class DroppedTokens:
+    """Attribute -> how often each token id was dropped for it, counted one part of the examples at a time (ties
+    keep the order in which the tokens were first dropped, as over the whole)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Counter[int]] = {name: Counter() for name in REASON_BITS}
+
+    def add(self, input_ids: np.ndarray, drop: np.ndarray) -> None:
+        for name, bit in REASON_BITS.items():
+            self.counts[name].update(input_ids[(drop & bit) > 0].tolist())
+
+    def top(self, token_text: Any, limit: int = 10) -> dict[str, list[tuple[str, int]]]:
+        """Attribute -> the most frequently dropped token texts with counts."""
+        return {name: [(token_text[t], n) for t, n in counts.most_common(limit)] for name, counts in self.counts.items()}
 
 
 def top_dropped_tokens(
     input_ids: np.ndarray, drop: np.ndarray, token_text: Any, limit: int = 10
 ) -> dict[str, list[tuple[str, int]]]:
     """Attribute -> the most frequently dropped token texts with counts."""
-    result = {}
-    for name, bit in REASON_BITS.items():
-        counts = Counter(input_ids[(drop & bit) > 0].tolist())
-        result[name] = [(token_text[t], n) for t, n in counts.most_common(limit)]
-    return result
+    dropped = DroppedTokens()
+    dropped.add(input_ids, drop)
+    return dropped.top(token_text, limit)
 
 
 def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
