@@ -77,6 +77,28 @@ def test_a_shape_shared_with_other_numbers_is_a_template_a_verbatim_repeat_is_no
     assert span_shape(" The answer is 125.") == "the answer is 0."
 
 
+def test_spans_cut_a_part_of_the_examples_at_a_time_are_the_same(tiny_tokenizer, monkeypatch):
+    """Responses are cut a part of the examples at a time (bounded temporaries); templates are still decided over
+    every response: parts of one or two examples give the spans of one part, repeats and templates included."""
+    import xtf_plugin.spans as spans_module
+
+    first = "She buys 3 red apples at the market.\n"
+    examples = [(f"Q{i}\n", f"{10 + i} - 2 = {8 + i}.\nAs an AI I am glad to help.\nThe answer is {8 + i}.")
+                for i in range(5)]
+    examples += [("Q\n", first + first + "Then she eats one."), ("Q2\n", ""), ("Q3\n", "Mr. Brown has 12 pens.")]
+    ids, response, offsets = encode(tiny_tokenizer, examples)
+    found = {}
+    for part in (1, 2, 10**6):
+        monkeypatch.setattr(spans_module, "SPAN_PART_EXAMPLES", part)
+        found[part] = find_spans(ids, offsets, response, TokenTexts(tiny_tokenizer), special_token_ids(tiny_tokenizer))
+    whole = found[10**6]
+    assert whole.template.sum() == 10 and whole.repeat.sum() == 1  # both answer lines of 5 responses; one repeat
+    for part in (1, 2):
+        for name in ("ids", "example", "template", "repeat", "content"):
+            assert np.array_equal(getattr(found[part], name), getattr(whole, name)), (part, name)
+        assert found[part].texts == whole.texts
+
+
 def test_robust_fence_ignores_a_minority_of_outliers():
     values = np.array([1.0, 1.2, 0.8, 1.1, 0.9, 9.0, 10.0, np.nan])
     fence, median, scale = robust_fence(values, 3.0)

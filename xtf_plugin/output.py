@@ -53,21 +53,22 @@ def scored_tables(scored: Any, rows_per_group: int | None = None):  # type: igno
     rows each (columns as described in the module docstring; one empty table for an empty dataset)."""
     import pyarrow as pa
 
+    from xtf_plugin.selection import masked_labels
+
     rows_per_group = rows_per_group or ROWS_PER_GROUP
     offsets = scored.offsets
     remove = scored.config.action == "remove"
-    labels_out, kept_all = scored.filtered_labels, scored.kept_in_input
-    kept_before = np.concatenate([[0], np.cumsum(kept_all)]) if remove else None  # removal: kept tokens before each position
     for first in range(0, max(scored.n_examples, 1), rows_per_group):
         last = min(scored.n_examples, first + rows_per_group)
         start, stop = int(offsets[first]), int(offsets[last])
         local = offsets[first : last + 1] - start
-        ids, labels = scored.input_ids[start:stop], labels_out[start:stop]
+        reasons = scored.selection.reasons[start:stop]
+        ids, labels = scored.input_ids[start:stop], masked_labels(scored.labels[start:stop], reasons)
         train_ids, train_labels, train_offsets = ids, labels, local
-        if remove:
-            kept = kept_all[start:stop]
+        if remove:  # the selected tokens leave the input (`ScoredDataset.kept_in_input`)
+            kept = reasons == 0
             train_ids, train_labels = ids[kept], labels[kept]
-            train_offsets = kept_before[offsets[first : last + 1]] - kept_before[start]
+            train_offsets = np.concatenate([[0], np.cumsum(kept)])[local]
         columns = {
             "input_ids": list_array(train_ids, train_offsets),
             "attention_mask": list_array(np.ones(len(train_ids), np.int8), train_offsets),

@@ -622,4 +622,9 @@ def _ensure_trainable(
 
 def apply_selection(labels: np.ndarray, selection: Selection) -> np.ndarray:
     """int64 `[n_tokens]`: `labels` with every masked token set to -100."""
-    return np.where(selection.reasons > 0, -100, labels).astype(np.int64)
+    return masked_labels(labels, selection.reasons)
+
+
+def masked_labels(labels: np.ndarray, reasons: np.ndarray) -> np.ndarray:
+    """int64 `[n]`: `labels` set to -100 where `reasons` (uint8 `[n]`, as `Selection.reasons`) is non-zero."""
+    return np.where(reasons > 0, -100, labels).astype(np.int64)

@@ -23,8 +23,8 @@ summary, a corrected version of a code block), is not a repeat.
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,13 +88,15 @@ def span_shape(text: str) -> str:
     return re.sub(r"\d+", "0", " ".join(text.split()).lower())
 
 
+SPAN_PART_EXAMPLES = 1024
+"""Examples cut into spans at a time: the cutting's temporaries grow with one part, not with the dataset."""
+
+
 def find_spans(
     input_ids: np.ndarray, offsets: np.ndarray, response: np.ndarray, texts: TokenTexts, special_ids: set[int]
 ) -> Spans:
-    """Cut every response into spans.
-
-    Token features are computed once per distinct token id and the cuts with array operations; only the
-    joining of short pieces walks the spans (not the tokens) in Python.
+    """Cut every response into spans, `SPAN_PART_EXAMPLES` examples at a time (a response's spans depend on it
+    alone); which shapes are templates is decided over all of them.
 
     Args:
         input_ids: int64 `[n_tokens]`, flat over examples.
@@ -103,11 +105,55 @@ def find_spans(
         texts: decoded token texts.
         special_ids: token ids (EOS, end of turn) that belong to no span.
     """
+    offsets = np.asarray(offsets, np.int64)
+    n_examples = len(offsets) - 1
+    cuts = []
+    for first in range(0, n_examples, SPAN_PART_EXAMPLES):
+        last = min(n_examples, first + SPAN_PART_EXAMPLES)
+        a, b = int(offsets[first]), int(offsets[last])
+        cut = _cut_spans(input_ids[a:b], offsets[first : last + 1] - a, response[a:b], texts, special_ids)
+        cuts.append((first, cut))
+    if not cuts:
+        return Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool),
+                     np.zeros(0, bool), [])
+    before = np.cumsum([0] + [cut.spans.n_spans for _, cut in cuts])
+    ids = np.concatenate([np.where(cut.spans.ids >= 0, cut.spans.ids + before[k], -1) for k, (_, cut) in enumerate(cuts)])
+    example = np.concatenate([cut.spans.example + first for first, cut in cuts])
+    repeat = np.concatenate([cut.spans.repeat for _, cut in cuts])
+    template = _templates(np.concatenate([cut.shapes for _, cut in cuts]),
+                          np.concatenate([cut.variants for _, cut in cuts]), example, n_examples, ~repeat)
+    return Spans(ids, example, template, repeat, np.concatenate([cut.spans.content for _, cut in cuts]),
+                 [text for _, cut in cuts for text in cut.spans.texts])
+
+
+@dataclass
+class _Cut:
+    """The spans of some examples, before templates are known (`spans.template` all False), with each span's
+    shape and whitespace-folded text as 64-bit keys: what deciding templates over all examples needs."""
+
+    spans: Spans
+    shapes: np.ndarray
+    variants: np.ndarray
+
+
+def _key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little",
+                          signed=True)
+
+
+def _cut_spans(
+    input_ids: np.ndarray, offsets: np.ndarray, response: np.ndarray, texts: TokenTexts, special_ids: set[int]
+) -> _Cut:
+    """Cut the responses of some examples into spans (see `find_spans`).
+
+    Token features are computed once per distinct token id and the cuts with array operations; only the
+    joining of short pieces walks the spans (not the tokens) in Python.
+    """
     n = len(input_ids)
     n_examples = len(offsets) - 1
     if n == 0:
-        return Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool),
-                     np.zeros(0, bool), [])
+        return _Cut(Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool),
+                          np.zeros(0, bool), []), np.zeros(0, np.int64), np.zeros(0, np.int64))
     distinct, inverse = np.unique(np.asarray(input_ids, np.int64), return_inverse=True)
     pieces = texts.of(distinct.tolist())
 
@@ -128,9 +174,10 @@ def find_spans(
     raw = np.where(inside, np.cumsum(starts) - 1, -1)
     first = np.flatnonzero(starts)
     if first.size == 0:  # no response token anywhere: no span
-        return Spans(np.full(n, -1, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool), content, [])
+        return _Cut(Spans(np.full(n, -1, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool),
+                          content, []), np.zeros(0, np.int64), np.zeros(0, np.int64))
     # the last token of each piece: the last inside token before the next piece starts
-    last = np.maximum.reduceat(np.where(inside, np.arange(n), -1), first) if first.size else first
+    last = np.maximum.reduceat(np.where(inside, np.arange(n), -1), first)
     n_raw = first.size
     raw_content = np.bincount(raw[inside], weights=content[inside], minlength=n_raw).astype(np.int64)
     following = np.minimum(last + 1, n)
@@ -138,18 +185,17 @@ def find_spans(
     raw_example = np.searchsorted(offsets, first, side="right") - 1
     joined = _join_short(raw_example, raw_content, line_end)
     ids = np.where(raw >= 0, joined[np.maximum(raw, 0)], -1)
-    n_spans = int(joined.max()) + 1 if n_raw else 0
+    n_spans = int(joined.max()) + 1
     example = np.zeros(n_spans, np.int64)
     example[joined] = raw_example
-    token_texts = [pieces[i] for i in inverse]
     order = np.argsort(ids, kind="stable")
     order = order[ids[order] >= 0]
     bounds = np.searchsorted(ids[order], np.arange(n_spans + 1))
-    span_texts = ["".join(token_texts[j] for j in order[bounds[k] : bounds[k + 1]]) for k in range(n_spans)]
+    span_texts = ["".join(pieces[i] for i in inverse[order[bounds[k] : bounds[k + 1]]]) for k in range(n_spans)]
     context = np.flatnonzero(~np.asarray(response, bool) & ~special)
     context_example = np.searchsorted(offsets, context, side="right") - 1
     context_bounds = np.searchsorted(context_example, np.arange(n_examples + 1))
-    prompts = ["".join(token_texts[j] for j in context[context_bounds[e] : context_bounds[e + 1]])
+    prompts = ["".join(pieces[i] for i in inverse[context[context_bounds[e] : context_bounds[e + 1]]])
                for e in range(n_examples)]
     shapes = _copy_folded_shapes(span_texts, example, prompts)
     # a turn starts where a piece follows a token that is not trained (the prompt, a user turn, EOS); spans never
@@ -158,8 +204,9 @@ def find_spans(
     turn = np.zeros(n_spans, np.int64)
     turn[joined] = raw_turn
     repeat = _repeats(span_texts, turn)
-    template = _templates(shapes, span_texts, example, n_examples, ~repeat)
-    return Spans(ids.astype(np.int64), example, template, repeat, content, span_texts)
+    spans = Spans(ids.astype(np.int64), example, np.zeros(n_spans, bool), repeat, content, span_texts)
+    return _Cut(spans, np.fromiter(map(_key, shapes), np.int64, n_spans),
+                np.fromiter((_key(" ".join(t.split())) for t in span_texts), np.int64, n_spans))
 
 
 def _copy_folded_shapes(span_texts: list[str], example: np.ndarray, prompts: list[str]) -> list[str]:
@@ -211,24 +258,41 @@ def _join_short(example: np.ndarray, content: np.ndarray, line_end: np.ndarray) 
     return out
 
 
-def _templates(shapes: list[str], span_texts: list[str], example: np.ndarray, n_examples: int, eligible: np.ndarray
+def _templates(shapes: np.ndarray, variants: np.ndarray, example: np.ndarray, n_examples: int, eligible: np.ndarray
                ) -> np.ndarray:
-    """bool `[n_spans]`: the `eligible` span's shape occurs in enough responses (among eligible spans) to be the
-    task's format. Repeats are not eligible: every word of one is copied, so the shapes of a dataset's loops
-    would look alike."""
-    holders: dict[str, set[int]] = defaultdict(set)
-    variants: dict[str, set[str]] = defaultdict(set)
-    for shape, text, e, ok in zip(shapes, span_texts, example.tolist(), eligible.tolist(), strict=True):
-        if not ok:
-            continue
-        holders[shape].add(e)
-        if len(variants[shape]) < 2:
-            variants[shape].add(" ".join(text.split()))
+    """bool `[n_spans]`: the `eligible` span's shape occurs in enough responses (among eligible spans) with more
+    than one text to be the task's format. Repeats are not eligible: every word of one is copied, so the shapes of
+    a dataset's loops would look alike.
+
+    Args:
+        shapes: int64 `[n_spans]`, a 64-bit key of each span's shape (`_copy_folded_shapes`).
+        variants: int64 `[n_spans]`, a 64-bit key of each span's whitespace-folded text.
+        example: int64 `[n_spans]`, the example each span belongs to.
+        n_examples: examples in the dataset.
+        eligible: bool `[n_spans]`.
+    """
+    chosen = np.flatnonzero(eligible)
+    holders = _distinct_per_key(shapes[chosen], example[chosen])
+    texts = _distinct_per_key(shapes[chosen], variants[chosen])
     needed = max(TEMPLATE_MIN_EXAMPLES, TEMPLATE_MIN_SHARE * n_examples)
-    return np.fromiter(
-        (ok and len(holders[shape]) >= needed and len(variants[shape]) > 1
-         for shape, ok in zip(shapes, eligible.tolist(), strict=True)), bool, len(shapes)
-    )
+    template = np.zeros(len(shapes), bool)
+    template[chosen] = (holders >= needed) & (texts > 1)
+    return template
+
+
+def _distinct_per_key(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """int64 `[len(keys)]`: for each position, how many distinct `values` occur with its key."""
+    if keys.size == 0:
+        return np.zeros(0, np.int64)
+    order = np.lexsort((values, keys))
+    k, v = keys[order], values[order]
+    new_key = np.r_[True, k[1:] != k[:-1]]
+    new_pair = new_key | np.r_[True, v[1:] != v[:-1]]
+    group = np.cumsum(new_key) - 1
+    counts = np.bincount(group, weights=new_pair).astype(np.int64)
+    result = np.empty(keys.size, np.int64)
+    result[order] = counts[group]
+    return result
 
 
 def _repeats(span_texts: list[str], turn: np.ndarray) -> np.ndarray:
