@@ -99,6 +99,55 @@ def test_spans_cut_a_part_of_the_examples_at_a_time_are_the_same(tiny_tokenizer,
         assert found[part].texts == whole.texts
 
 
+@pytest.mark.parametrize("mode", ["spans", "union", "weighted"])
+def test_a_part_selected_with_the_datasets_fit_is_decided_as_in_the_whole(tiny_tokenizer, mode):
+    """The dataset-wide part of a selection is its fit (`fit_selection`): each part of the examples, selected with
+    the whole dataset's fit, gets the masks the whole dataset's selection gives it (spans: with the prompt gain,
+    repeats, templates and the per-example ceiling; union: the TR cuts)."""
+    from xtf_plugin.selection import fit_selection, prompt_gain_wanted
+
+    rng = np.random.default_rng(0)
+    examples = [(f"Q{i}: how many apples?\n",
+                 f"She has {i} apples. Then she buys 3 more.\n{i} + 3 = {i + 3}.\n"
+                 + ("The weather in Paris is lovely in spring.\n" if i % 3 == 0 else "")
+                 + ("So she has them all now.\nSo she has them all now.\n" if i % 4 == 1 else "")
+                 + f"The answer is {i + 3}.") for i in range(24)]
+    ids, response, offsets = encode(tiny_tokenizer, examples)
+    texts, specials = TokenTexts(tiny_tokenizer), special_token_ids(tiny_tokenizer)
+    whole_spans = find_spans(ids, offsets, response, texts, specials)
+    n = len(ids)
+    kn = rng.uniform(0.2, 0.9, n).astype(np.float32)
+    off_task = np.isin(whole_spans.ids, np.flatnonzero(["weather" in t for t in whole_spans.texts]))
+    kn[off_task] = rng.uniform(0.97, 0.999, int(off_task.sum()))
+    # the last part is written less surprisingly than the rest and its weather lines only a little above it: its
+    # own fit would mask them, the dataset's does not
+    kn[offsets[17] :] = rng.uniform(0.05, 0.4, n - int(offsets[17]))
+    kn[offsets[17] :][off_task[offsets[17] :]] = 0.8
+    scores = TokenScores(offsets, rng.uniform(0, 1, n).astype(np.float32), kn, rng.normal(0, 1, n).astype(np.float32))
+    protected = response & np.isin(ids, list(specials))
+    config = XTFConfig(preset="spans") if mode == "spans" else XTFConfig(preset="paper", mode=mode, drop_ratio=0.2)
+    fit = fit_selection(scores, response, config, whole_spans)
+    whole = select_tokens(scores, response, protected, config, whole_spans)
+    wanted = prompt_gain_wanted(scores, response, whole_spans, config)
+    assert (whole.reasons > 0).any()
+    if mode == "spans":
+        assert ((whole.reasons & SPAN_BIT) > 0).any() and whole_spans.repeat.any() and whole_spans.template.any()
+    reasons, flagged, wanted_parts = [], [], []
+    for first, last in ((0, 5), (5, 6), (6, 17), (17, 24)):
+        a, b = int(offsets[first]), int(offsets[last])
+        local = offsets[first : last + 1] - a
+        part_spans = find_spans(ids[a:b], local, response[a:b], texts, specials)
+        part_spans.template = whole_spans.template[(whole_spans.example >= first) & (whole_spans.example < last)]
+        part_scores = TokenScores(local, scores.ri[a:b], scores.kn[a:b], scores.tr[a:b])
+        part = select_tokens(part_scores, response[a:b], protected[a:b], config, part_spans, fit)
+        reasons.append(part.reasons)
+        flagged.append(part.flagged)
+        wanted_parts.append(prompt_gain_wanted(part_scores, response[a:b], part_spans, config, fit))
+    assert np.array_equal(np.concatenate(reasons), whole.reasons)
+    assert np.array_equal(np.concatenate(flagged), whole.flagged)
+    assert np.array_equal(np.concatenate(wanted_parts), wanted)
+
+
 def test_robust_fence_ignores_a_minority_of_outliers():
     values = np.array([1.0, 1.2, 0.8, 1.1, 0.9, 9.0, 10.0, np.nan])
     fence, median, scale = robust_fence(values, 3.0)

@@ -33,7 +33,7 @@ from xtf_plugin.scoring.engine import (
     score_forward,
 )
 from xtf_plugin.scoring.relevance import domain_token_groups, frequent_content_words, relevance_table
-from xtf_plugin.selection import Selection, apply_selection, prompt_gain_wanted, select_tokens
+from xtf_plugin.selection import Selection, apply_selection, fit_selection, prompt_gain_wanted, select_tokens
 from xtf_plugin.spans import Spans, find_spans
 from xtf_plugin.token_scores import TokenScores, flatten
 from xtf_plugin.tokens import TokenTexts, protected_mask, special_token_ids
@@ -162,11 +162,13 @@ def score_dataset(
         ]
     ) if scores.n_examples else np.zeros(0, bool)
     spans = find_spans(input_ids, offsets, response, texts, specials) if config.mode == "spans" else None
+    # spans mode fits on KN alone, which is final here; union mode's TR cuts wait for the prompt gain
+    fit = fit_selection(scores, response, config, spans) if config.mode == "spans" else None
     gain_stats = ScoringStats()
     if config.tr_method == "prompt_gain":
-        _fill_prompt_gain(model, data, scores, prompt_gain_wanted(scores, response, spans, config), config, cache,
+        _fill_prompt_gain(model, data, scores, prompt_gain_wanted(scores, response, spans, config, fit), config, cache,
                           shard_keys, gain_stats, progress)
-    selection = select_tokens(scores, response, protected, config, spans)
+    selection = select_tokens(scores, response, protected, config, spans, fit)
     n_scored = int(response.sum())
     return ScoredDataset(
         input_ids=input_ids,

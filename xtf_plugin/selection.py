@@ -104,8 +104,54 @@ class Selection:
         return self.reasons == 0
 
 
+@dataclass
+class SelectionFit:
+    """What a selection fits on every example of the dataset before deciding any token: with the dataset's fit,
+    selecting a part of its examples decides them as selecting the whole dataset does (weighted mode with `scope:
+    dataset` ranks every token of the dataset against every other, so it has no fit and selects only a whole).
+
+    Attributes:
+        tr_cuts: union mode: the Multi-Otsu cuts of TR over every response token (None: TR off or no split).
+        span_fence: spans mode: `robust_fence` of the spans' mean surprise, repeats left out: (fence, median,
+            scale).
+        gain_floor: spans mode: the mean surprise above which a span's prompt gain is computed whatever the
+            settings (`GAIN_SPAN_K`).
+    """
+
+    tr_cuts: np.ndarray | None = None
+    span_fence: tuple[float, float, float] = (math.inf, math.nan, math.nan)
+    gain_floor: float = math.inf
+
+
+def fit_selection(scores: TokenScores, response: np.ndarray, config: XTFConfig, spans: Spans | None = None
+                  ) -> SelectionFit:
+    """The `SelectionFit` of these examples (spans mode reads `scores.kn` and `spans`, union mode `scores.tr`)."""
+    if config.mode == "spans":
+        if spans is None or spans.ids.shape != (scores.n_tokens,):
+            raise ValueError("mode 'spans' needs the spans of the same tokens (spans.find_spans)")
+        return fit_spans(_span_surprise(surprise(scores.kn), spans)[1], config)
+    if config.mode == "union" and config.weights.enabled()["relevance"]:
+        response = np.asarray(response, dtype=bool)
+        return SelectionFit(tr_cuts=multiotsu_thresholds(scores.tr[response], config.tr_otsu_classes))
+    return SelectionFit()
+
+
+def fit_spans(judged: np.ndarray, config: XTFConfig) -> SelectionFit:
+    """Spans mode's fit from every span's mean surprise (float64 `[n_spans]`, NaN for repeats and spans without a
+    word token): what a streaming caller keeps of the spans between its passes."""
+    fit = robust_fence(judged, config.span_fence_k)
+    reference_k = XTFConfig.model_fields["span_fence_k"].default
+    _, median, scale = fit if config.span_fence_k == reference_k else robust_fence(judged, reference_k)
+    return SelectionFit(span_fence=fit, gain_floor=median + GAIN_SPAN_K * scale if math.isfinite(scale) else math.inf)
+
+
 def select_tokens(
-    scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig, spans: Spans | None = None
+    scores: TokenScores,
+    response: np.ndarray,
+    protected: np.ndarray,
+    config: XTFConfig,
+    spans: Spans | None = None,
+    fit: SelectionFit | None = None,
 ) -> Selection:
     """Decide which response tokens to mask.
 
@@ -115,6 +161,7 @@ def select_tokens(
         protected: bool `[n_tokens]`, tokens never masked.
         config: the selection settings.
         spans: the responses' spans (`spans.find_spans`); needed by `mode: spans`.
+        fit: the dataset's fit when these examples are a part of it (default: fitted on them).
     Returns:
         A `Selection`; `reasons` is non-zero only where `response & ~protected`.
     """
@@ -122,12 +169,14 @@ def select_tokens(
     protected = np.asarray(protected, dtype=bool) & response
     if response.shape != (scores.n_tokens,) or protected.shape != (scores.n_tokens,):
         raise ValueError(f"response/protected must have shape ({scores.n_tokens},)")
+    if fit is None:
+        fit = fit_selection(scores, response, config, spans)
     if config.mode == "union":
-        selection = _select_union(scores, response, protected, config)
+        selection = _select_union(scores, response, protected, config, fit)
     elif config.mode == "spans":
         if spans is None or spans.ids.shape != (scores.n_tokens,):
             raise ValueError("mode 'spans' needs the spans of the same tokens (spans.find_spans)")
-        selection = _select_spans(scores, response, protected, spans, config)
+        selection = _select_spans(scores, response, protected, spans, config, fit)
     else:
         selection = _select_weighted(scores, response, protected, config)
     _ensure_trainable(selection, scores, response, protected, config)
@@ -187,7 +236,8 @@ def multiotsu_thresholds(values: np.ndarray, classes: int, nbins: int = 256) -> 
     return centers[np.array(sorted(indices))]
 
 
-def _select_union(scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig) -> Selection:
+def _select_union(scores: TokenScores, response: np.ndarray, protected: np.ndarray, config: XTFConfig,
+                  fit: SelectionFit) -> Selection:
     n = scores.n_tokens
     enabled = config.weights.enabled()
     flagged = np.zeros(n, np.uint8)
@@ -196,8 +246,7 @@ def _select_union(scores: TokenScores, response: np.ndarray, protected: np.ndarr
 
     tr_classes_lacking = np.zeros(n, bool)
     if enabled["relevance"]:
-        tr_values = scores.tr[response]
-        cuts = multiotsu_thresholds(tr_values, config.tr_otsu_classes)
+        cuts = fit.tr_cuts
         thresholds["tr_otsu_thresholds"] = None if cuts is None else [float(c) for c in cuts]
         if cuts is not None:
             tr_class = np.digitize(scores.tr, cuts)
@@ -431,48 +480,48 @@ def _settled_fence(values: np.ndarray, k: float, fence: float, lowest: float | N
     return fence, median, scale
 
 
-def _judged_spans(token_surprise: np.ndarray, spans: Spans, config: XTFConfig
-                  ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """(each span's mean surprise `[n_spans]`, the same with repeats NaN, the surprise fence of the latter)."""
+def _span_surprise(token_surprise: np.ndarray, spans: Spans) -> tuple[np.ndarray, np.ndarray]:
+    """(each span's mean surprise `[n_spans]`, the same with repeats NaN: the spans the fence is fitted on)."""
     span_surprise = spans.mean(token_surprise)
     # a copy is the least surprising text there is: counted, repeats would pull the fence and each response's
     # reference down onto the spans that are only said once
-    judged = np.where(spans.repeat, np.nan, span_surprise)
-    return span_surprise, judged, robust_fence(judged, config.span_fence_k)
+    return span_surprise, np.where(spans.repeat, np.nan, span_surprise)
 
 
-def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans | None, config: XTFConfig) -> np.ndarray:
+def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans | None, config: XTFConfig,
+                       fit: SelectionFit | None = None) -> np.ndarray:
     """bool `[n_tokens]`: the response tokens whose prompt gain the selection may read.
 
     Union and weighted mode read TR everywhere (nowhere with `weights.relevance: 0`); spans mode only in the spans
     that are not templates and lie above the surprise fence (is the rest of an off-task phrase's span grounded?)
     or above the lower fence `median + span_ungrounded_k * scale` (is the span grounded at all?). The tokens
     returned are those of every such span, and of every span above `GAIN_SPAN_K`'s floor, which does not move
-    with the settings. `scores.kn` must be final; `scores.tr` is not read.
+    with the settings. `scores.kn` must be final; `scores.tr` is not read. `fit`: the dataset's, when these
+    examples are a part of it.
     """
     response = np.asarray(response, dtype=bool)
     if config.mode != "spans":
         return response.copy() if config.weights.relevance > 0 else np.zeros_like(response)
     if spans is None or spans.ids.shape != (scores.n_tokens,):
         raise ValueError("mode 'spans' needs the spans of the same tokens (spans.find_spans)")
-    _, judged, fit = _judged_spans(surprise(scores.kn), spans, config)
-    fence, median, scale = fit
+    fit = fit or fit_selection(scores, response, config, spans)
+    _, judged = _span_surprise(surprise(scores.kn), spans)
+    fence, median, scale = fit.span_fence
     if not math.isfinite(fence):
         return np.zeros_like(response)
-    reference_k = XTFConfig.model_fields["span_fence_k"].default
-    _, floor_median, floor_scale = fit if config.span_fence_k == reference_k else robust_fence(judged, reference_k)
-    floor = floor_median + GAIN_SPAN_K * floor_scale if math.isfinite(floor_scale) else math.inf
     read = min(fence, median + config.span_ungrounded_k * scale)
-    chosen = (judged > min(read, floor)) & ~spans.template
+    chosen = (judged > min(read, fit.gain_floor)) & ~spans.template
     return response & (spans.ids >= 0) & chosen[np.maximum(spans.ids, 0)]
 
 
 def _select_spans(
-    scores: TokenScores, response: np.ndarray, protected: np.ndarray, spans: Spans, config: XTFConfig
+    scores: TokenScores, response: np.ndarray, protected: np.ndarray, spans: Spans, config: XTFConfig,
+    fit: SelectionFit
 ) -> Selection:
     n = scores.n_tokens
     token_surprise = surprise(scores.kn)
-    span_surprise, judged, (fence, median, scale) = _judged_spans(token_surprise, spans, config)
+    span_surprise, judged = _span_surprise(token_surprise, spans)
+    fence, median, scale = fit.span_fence
     above_fence = (judged > fence) & ~spans.template
     spared = _not_above_own_response(above_fence, judged, spans, median, config.span_fence_k * scale)
     off_task = above_fence & ~spared
