@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def _resolve_data(source: str) -> str:
 def command_score(args: argparse.Namespace) -> int:
     """`xtf score`: tokenise, score, select, write the output folder, print the summary."""
     from xtf_plugin.config import load_xtf_config_file
-    from xtf_plugin.data import read_records, resolve_format
+    from xtf_plugin.data import read_rows, resolve_format
     from xtf_plugin.models import check_model_path
     from xtf_plugin.output import check_output_dir
 
@@ -41,7 +42,7 @@ def command_score(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     check_output_dir(out_dir, args.overwrite)
     # Bad data is reported before torch and transformers are imported (seconds) or a model is loaded.
-    records = read_records(_resolve_data(args.data))
+    records = read_rows(_resolve_data(args.data))
     data_format = resolve_format(records, args.format, source=args.data)
     check_model_path(args.model)
 
@@ -73,35 +74,62 @@ def _score_and_write(
     config: Any,
     out_dir: Path,
     rank_device: str | None,
-    records: list[dict[str, Any]],
+    records: Sequence[dict[str, Any]],
     data_format: str,
 ) -> int:
     from xtf_plugin.data import tokenize_records
     from xtf_plugin.distributed import is_main_process
     from xtf_plugin.models import load_model, load_tokenizer
     from xtf_plugin.output import write_output_dir
-    from xtf_plugin.pipeline import score_dataset
-    from xtf_plugin.report.summary import render_summary, summarize
+    from xtf_plugin.pipeline import PART_EXAMPLES, ScoringRun, decides_in_parts
+    from xtf_plugin.report.summary import SummaryTally, render_summary
 
     tokenizer = load_tokenizer(args.model)
-    data = tokenize_records(records, tokenizer, data_format, config.max_length, source=args.data)
-    _warn_rows(data.empty_response, args.data, "an empty response: kept, only the end-of-sequence token is trained")
-    _warn_rows(data.no_response, args.data, f"no trained token (after truncation to max_length {config.max_length}): "
+    n = len(records)
+    # a dataset the selection can decide a part at a time is tokenised a part at a time, each time it is read
+    part_examples = PART_EXAMPLES if decides_in_parts(config) and n > PART_EXAMPLES else max(n, 1)
+
+    def part_of(first: int, last: int) -> Any:
+        return tokenize_records(records[first:last], tokenizer, data_format, config.max_length, source=args.data,
+                                first=first)
+
+    # every row is tokenised before the model loads: a row that cannot be fails first
+    whole, empty, no_response, truncated = None, [], [], 0
+    for first in range(0, n, part_examples):
+        part = part_of(first, min(n, first + part_examples))
+        empty += part.empty_response
+        no_response += part.no_response
+        truncated += part.truncated
+        whole = part if part_examples >= n else None
+    _warn_rows(empty, args.data, "an empty response: kept, only the end-of-sequence token is trained")
+    _warn_rows(no_response, args.data, f"no trained token (after truncation to max_length {config.max_length}): "
                "kept, nothing of them is trained")
-    if data.truncated:
+    if truncated:
         logger.warning("%s: %d examples are longer than max_length %d and were truncated (set max_length to keep "
-                       "more)", args.data, data.truncated, config.max_length)
+                       "more)", args.data, truncated, config.max_length)
     model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device or rank_device)
     main_rank = is_main_process()
-    scored = score_dataset(model, tokenizer, data, config, progress=main_rank and not args.quiet, use_cache=not args.no_cache)
+    run = ScoringRun(model, tokenizer, config, progress=main_rank and not args.quiet, use_cache=not args.no_cache)
+    parts = run.parts(part_of if whole is None else (lambda first, last: whole), n, part_examples)
     if not main_rank:
+        for _ in parts:  # the ranks score together; rank 0 writes
+            pass
         return 0
-    summary = summarize(scored)
-    summary.update({"model": args.model, "data": args.data, "format": data.format})
-    write_output_dir(out_dir, scored, summary, overwrite=args.overwrite)
+    tally = SummaryTally()
+
+    def tallied() -> Any:
+        for part in parts:
+            tally.add(part)
+            yield part
+
+    def summary() -> dict[str, Any]:
+        return {**tally.summary(), "model": args.model, "data": args.data, "format": data_format}
+
+    write_output_dir(out_dir, tallied(), summary, overwrite=args.overwrite)
+    written = summary()
     if not args.quiet:
-        render_summary(summary, title=f"XTF summary ({out_dir})")
-    print(f"wrote {out_dir / 'train.parquet'} ({summary['examples']} examples), summary.json, xtf_config.yaml")
+        render_summary(written, title=f"XTF summary ({out_dir})")
+    print(f"wrote {out_dir / 'train.parquet'} ({written['examples']} examples), summary.json, xtf_config.yaml")
     return 0
 
 

@@ -16,10 +16,10 @@ start) and counted.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -111,26 +111,83 @@ def _non_empty(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
+    records = [record for _, record in _jsonl_rows(path)]
+    if not records:
+        raise XTFError(f"{path}: the file has no examples")
+    return records
+
+
+def _jsonl_rows(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset of its line, row) of each non-blank line from byte `start` on, checked as it is read."""
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        handle.seek(start)
+        number = None if start else 0  # line numbers are known when reading from the start
+        offset = start
+        for raw in handle:
+            where = f"{path}:{number + 1}" if number is not None else f"{path} (byte {offset})"
+            number = number + 1 if number is not None else None
             try:
                 # utf-8-sig: a byte-order mark at the start of the file (Excel, PowerShell) is not part of the JSON
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                line = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
             except UnicodeDecodeError as error:
-                raise XTFError(f"{path}:{number}: not valid UTF-8 (byte {error.start})") from error
+                raise XTFError(f"{where}: not valid UTF-8 (byte {error.start})") from error
+            line_start, offset = offset, offset + len(raw)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise XTFError(f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno})") from error
+                raise XTFError(f"{where}: malformed JSON ({error.msg}, column {error.colno})") from error
             if not isinstance(record, dict):
-                raise XTFError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    if not records:
-        raise XTFError(f"{path}: the file has no examples")
-    return records
+                raise XTFError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield line_start, record
+
+
+class JsonlRows(Sequence[dict[str, Any]]):
+    """The rows of a JSONL file, read from disk when asked, so a large file is never held whole: every line is
+    checked once on opening (errors name the line), and parsed again each time its rows are asked for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._starts = np.fromiter((start for start, _ in _jsonl_rows(path)), np.int64)
+        if not len(self._starts):
+            raise XTFError(f"{path}: the file has no examples")
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            first, last, step = index.indices(len(self))
+            rows = self._read(first, max(first, last))
+            return rows if step == 1 else rows[::step]
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError(index)
+        return self._read(position, position + 1)[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (record for _, record in _jsonl_rows(self.path))
+
+    def _read(self, first: int, last: int) -> list[dict[str, Any]]:
+        if first >= last:
+            return []
+        rows = _jsonl_rows(self.path, int(self._starts[first]))
+        return [record for _, (_, record) in zip(range(last - first), rows, strict=False)]
+
+
+def read_rows(source: str) -> Sequence[dict[str, Any]]:
+    """`read_records`, but a JSONL file's rows stay on disk until asked for (`JsonlRows`)."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".jsonl" and path.is_file() and path.stat().st_size > 0:
+        return JsonlRows(path)
+    return read_records(source)
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
@@ -184,15 +241,17 @@ def detect_format(record: dict[str, Any]) -> str:
 
 
 def tokenize_records(
-    records: Sequence[dict[str, Any]], tokenizer, format: str = "auto", max_length: int = 2048, source: str = "data"
+    records: Sequence[dict[str, Any]], tokenizer, format: str = "auto", max_length: int = 2048, source: str = "data",
+    first: int = 0,
 ) -> TokenizedData:  # type: ignore[no-untyped-def]
-    """Tokenise rows into `TokenizedData` (input order kept, truncation counted).
+    """Tokenise rows into `TokenizedData` (input order kept, truncation counted). `first`: the index of the first
+    row in its file, when the rows are a part of it (errors and the example indices then count from there).
 
     Raises `XTFError` naming the row (1-based) and the missing column or the problem.
     """
     fmt = resolve_format(records, format, source)
     data = TokenizedData([], [], format=fmt)
-    for row, record in enumerate(records, start=1):
+    for row, record in enumerate(records, start=first + 1):
         where = f"{source}: row {row}"
         ids, labels = _tokenize_one(record, tokenizer, fmt, where)
         if _response_is_empty(record, fmt):

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,24 +93,32 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise XTFError(f"{out_dir}: already exists; pass --overwrite to replace it")
 
 
-def write_output_dir(out_dir: Path, scored: Any, summary: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write the three files atomically (temporary sibling folder, then rename)."""
+def write_output_dir(out_dir: Path, scored: Any, summary: dict[str, Any] | Callable[[], dict[str, Any]],
+                     overwrite: bool = False) -> Path:
+    """Write the three files atomically (temporary sibling folder, then rename). `scored`: a `ScoredDataset`, or
+    its parts in order (`pipeline.ScoringRun.parts`), written as they come; `summary`: the summary, or a function
+    that gives it once every part is written."""
     import pyarrow.parquet as pq
 
     check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        writer = None
+        writer, config = None, None
         try:
-            for table in scored_tables(scored):
-                writer = writer or pq.ParquetWriter(tmp / TRAIN_FILE, table.schema)
-                writer.write_table(table)
+            for part in ([scored] if hasattr(scored, "selection") else scored):
+                config = part.config
+                for table in scored_tables(part):
+                    writer = writer or pq.ParquetWriter(tmp / TRAIN_FILE, table.schema)
+                    writer.write_table(table)
         finally:
             if writer is not None:
                 writer.close()
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float) + "\n")
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump({"xtf": scored.config.model_dump(mode="json")}, sort_keys=False))
+        if config is None:
+            raise ValueError("no part to write")
+        written = summary() if callable(summary) else summary
+        (tmp / SUMMARY_FILE).write_text(json.dumps(written, indent=2, default=float) + "\n")
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump({"xtf": config.model_dump(mode="json")}, sort_keys=False))
         os.chmod(tmp, 0o755)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

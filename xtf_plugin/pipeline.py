@@ -4,12 +4,14 @@
 finished shards), fills vector TR from the per-token relevance table, marks protected tokens, finds the spans,
 runs the prompt gain's second pass for the tokens the selection reads it at, and runs the selection. Under
 torch.distributed (accelerate, torchrun, DeepSpeed) all ranks call it together: they split the forward passes
-and every rank gets the same scores.
+and every rank gets the same scores. `ScoringRun.parts` does the same a part of the examples at a time, for
+`xtf score` on datasets too large to hold scored at once.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +35,16 @@ from xtf_plugin.scoring.engine import (
     score_forward,
 )
 from xtf_plugin.scoring.relevance import domain_token_groups, frequent_content_words, relevance_table
-from xtf_plugin.selection import Selection, apply_selection, fit_selection, prompt_gain_wanted, select_tokens
-from xtf_plugin.spans import Spans, find_spans
+from xtf_plugin.selection import (
+    Selection,
+    SelectionFit,
+    apply_selection,
+    fit_spans,
+    judged_surprise,
+    prompt_gain_wanted,
+    select_tokens,
+)
+from xtf_plugin.spans import SpanCut, Spans, cut_spans, templates
 from xtf_plugin.token_scores import TokenScores, flatten
 from xtf_plugin.tokens import TokenTexts, protected_mask, special_token_ids
 
@@ -120,6 +130,20 @@ class ScoredDataset:
         return [x[k] for x, k in zip(ids, keep, strict=True)], [y[k] for y, k in zip(labels, keep, strict=True)], keep
 
 
+PART_EXAMPLES = 4096
+"""Examples a selection decides at a time when it can (`decides_in_parts`): a multiple of `SHARD_EXAMPLES`, so the
+parts' cache entries are those of one run over the whole dataset, and equal to `output.ROWS_PER_GROUP`, so the
+parts write the same row groups."""
+
+
+def decides_in_parts(config: XTFConfig) -> bool:
+    """Whether the selection can decide a part of the examples at a time, after a first pass over all of them has
+    fitted it (`selection.SelectionFit`): the spans selection with the prompt gain (the `spans` preset). Union
+    mode's TR cuts, weighted mode's ranks and vector TR's domain words are fitted on every token, so those
+    settings take the whole dataset as one part."""
+    return config.mode == "spans" and config.tr_method == "prompt_gain"
+
+
 def score_dataset(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -138,64 +162,173 @@ def score_dataset(
         progress: show progress bars.
         use_cache: read and write the score cache (`config.cache_dir`).
     """
-    started = time.perf_counter()
-    cache = ScoreCache(config.resolved_cache_dir()) if use_cache else None
-    identity = {
-        "scorer_version": SCORER_VERSION,
-        "model": model_fingerprint(model),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-    }
-    stats = ScoringStats()
-    scores, cached_shards, shard_keys = _forward_scores(model, data, config, cache, identity, stats, progress)
-    input_ids, offsets = flatten(data.input_ids)
-    labels, _ = flatten(data.labels)
-    response = labels != -100
-    texts = TokenTexts(tokenizer)
-    domain_words: list[str] = []
-    if config.tr_method == "vector":
-        domain_words = _fill_vector_relevance(model, tokenizer, scores, input_ids, response, texts, config, cache, identity)
-    specials = special_token_ids(tokenizer)
-    protected = np.concatenate(
-        [
-            protected_mask(input_ids[s], labels[s], texts, specials, config.protect)
+    (scored,) = ScoringRun(model, tokenizer, config, progress, use_cache).parts(lambda first, last: data, len(data),
+                                                                                max(len(data), 1))
+    return scored
+
+
+@dataclass
+class _Forward:
+    """One part of the examples after the forward pass: tokens, scores, the cache keys of its shards and, in
+    spans mode, its spans (templates not decided yet)."""
+
+    data: TokenizedData
+    first: int
+    scores: TokenScores
+    shard_keys: list[str]
+    input_ids: np.ndarray
+    labels: np.ndarray
+    cut: SpanCut | None
+
+    @property
+    def response(self) -> np.ndarray:
+        return self.labels != -100
+
+
+class ScoringRun:
+    """Scores and selects a dataset a part of the examples at a time (`parts`), in two passes: the first scores
+    every part (through the cache) and fits the selection on all of them, the second decides each part with that
+    fit and runs the prompt gain's second pass for it. Memory holds one part's tokens and scores, and of the others
+    what the fit needs (each span's mean surprise and template keys); every part is decided as one run over the
+    whole dataset would decide it. Under torch.distributed all ranks call `parts` together, as `score_dataset`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: XTFConfig, progress: bool = True,
+                 use_cache: bool = True) -> None:
+        self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
+        self.cache = ScoreCache(config.resolved_cache_dir()) if use_cache else None
+        self.identity = {
+            "scorer_version": SCORER_VERSION,
+            "model": model_fingerprint(model),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+        }
+        self.texts = TokenTexts(tokenizer)
+        self.specials = special_token_ids(tokenizer)
+
+    def parts(
+        self, part_of: Callable[[int, int], TokenizedData], n_examples: int, part_examples: int = PART_EXAMPLES
+    ) -> Iterator[ScoredDataset]:
+        """One `ScoredDataset` per part, in order (offsets from 0 in each; `stats` cover the whole run once the last
+        part is out).
+
+        Args:
+            part_of: `part_of(first, last)` gives examples `first` to `last - 1` tokenised; each is asked for twice
+                when there are several parts.
+            n_examples: examples in the dataset.
+            part_examples: examples per part, a multiple of `SHARD_EXAMPLES` (settings that cannot be decided a
+                part at a time, see `decides_in_parts`, take the whole dataset as one part).
+        """
+        started = time.perf_counter()
+        if not decides_in_parts(self.config) or part_examples >= n_examples:
+            part_examples = max(n_examples, 1)
+        elif part_examples % SHARD_EXAMPLES:
+            raise ValueError(f"part_examples {part_examples}: expected a multiple of {SHARD_EXAMPLES}")
+        bounds = [(first, min(n_examples, first + part_examples)) for first in range(0, max(n_examples, 1), part_examples)]
+        stats, gain_stats = ScoringStats(), ScoringStats()
+        with tempfile.TemporaryDirectory(prefix="xtf-parts-") as spill:
+            # pass 1: every part's scores, and what the fit needs of its spans
+            kept, cached_shards, judged, cuts = None, 0, [], []
+            for k, (first, last) in enumerate(bounds):
+                part, cached = self._forward(part_of(first, last), first, stats)
+                cached_shards += cached
+                if part.cut is not None:
+                    judged.append(judged_surprise(part.scores.kn, part.cut.spans))
+                    cuts.append((first, part.cut.spans.example, part.cut.spans.repeat, part.cut.shapes, part.cut.variants))
+                if len(bounds) == 1:
+                    kept = part
+                else:
+                    np.savez(Path(spill) / f"{k}.npz", ri=part.scores.ri, kn=part.scores.kn, tr=part.scores.tr)
+            fit, template = None, None
+            if self.config.mode == "spans":
+                fit = fit_spans(np.concatenate(judged), self.config)
+                example = np.concatenate([first + e for first, e, *_ in cuts])
+                template = templates(np.concatenate([c[3] for c in cuts]), np.concatenate([c[4] for c in cuts]),
+                                     example, n_examples, ~np.concatenate([c[2] for c in cuts]))
+            del judged, cuts
+            # pass 2: each part decided with the fit
+            spans_before = response_tokens = 0
+            for k, (first, last) in enumerate(bounds):
+                part = kept if kept is not None else self._reload(part_of(first, last), first, Path(spill) / f"{k}.npz")
+                spans = None
+                if part.cut is not None and template is not None:
+                    spans = part.cut.spans
+                    spans.template = template[spans_before : spans_before + spans.n_spans]
+                    spans_before += spans.n_spans
+                scored = self._decide(part, spans, fit, gain_stats)
+                response_tokens += int(scored.response.sum())
+                scored.stats = {
+                    "scoring_seconds": round(stats.seconds + gain_stats.seconds, 3),
+                    "total_seconds": round(time.perf_counter() - started, 3),
+                    "forward_passes": stats.forward_passes + gain_stats.forward_passes,
+                    "tokens_scored_by_model": stats.tokens + gain_stats.tokens,
+                    "tokens_per_second": round((stats.tokens + gain_stats.tokens)
+                                               / max(stats.seconds + gain_stats.seconds, 1e-9), 1),
+                    "prompt_gain_seconds": round(gain_stats.seconds, 3),
+                    "prompt_gain_tokens": gain_stats.tokens,
+                    "cached_shards": cached_shards,
+                    "response_tokens": response_tokens,
+                }
+                kept = None
+                yield scored
+
+    def _forward(self, data: TokenizedData, first: int, stats: ScoringStats) -> tuple[_Forward, int]:
+        """Pass 1 on the part that starts at example `first`: (its scores and spans, shards taken from the cache)."""
+        scores, cached, keys = _forward_scores(self.model, data, self.config, self.cache, self.identity, stats,
+                                               self.progress, first)
+        return self._with_tokens(data, first, scores, keys), cached
+
+    def _reload(self, data: TokenizedData, first: int, spilled: Path) -> _Forward:
+        """Pass 2 on one part of several: its scores as pass 1 left them (the shards' cache keys recomputed)."""
+        offsets = np.concatenate([[0], np.cumsum([len(x) for x in data.input_ids], dtype=np.int64)])
+        with np.load(spilled) as arrays:
+            scores = TokenScores(offsets, arrays["ri"], arrays["kn"], arrays["tr"])
+        keys = [_forward_key(self.identity, self.config, data, start) for start in range(0, len(data), SHARD_EXAMPLES)]
+        return self._with_tokens(data, first, scores, keys)
+
+    def _with_tokens(self, data: TokenizedData, first: int, scores: TokenScores, keys: list[str]) -> _Forward:
+        input_ids, offsets = flatten(data.input_ids)
+        labels, _ = flatten(data.labels)
+        cut = (cut_spans(input_ids, offsets, labels != -100, self.texts, self.specials)
+               if self.config.mode == "spans" else None)
+        return _Forward(data, first, scores, keys, input_ids, labels, cut)
+
+    def _decide(self, part: _Forward, spans: Spans | None, fit: SelectionFit | None, gain_stats: ScoringStats
+                ) -> ScoredDataset:
+        """Pass 2 on one part: vector TR or the prompt gain, protected tokens, the selection."""
+        config, scores, response = self.config, part.scores, part.response
+        domain_words: list[str] = []
+        if config.tr_method == "vector":
+            domain_words = _fill_vector_relevance(self.model, self.tokenizer, scores, part.input_ids, response,
+                                                  self.texts, config, self.cache, self.identity)
+        protected = np.concatenate([
+            protected_mask(part.input_ids[s], part.labels[s], self.texts, self.specials, config.protect)
             for s in scores.example_slices()
-        ]
-    ) if scores.n_examples else np.zeros(0, bool)
-    spans = find_spans(input_ids, offsets, response, texts, specials) if config.mode == "spans" else None
-    # spans mode fits on KN alone, which is final here; union mode's TR cuts wait for the prompt gain
-    fit = fit_selection(scores, response, config, spans) if config.mode == "spans" else None
-    gain_stats = ScoringStats()
-    if config.tr_method == "prompt_gain":
-        _fill_prompt_gain(model, data, scores, prompt_gain_wanted(scores, response, spans, config, fit), config, cache,
-                          shard_keys, gain_stats, progress)
-    selection = select_tokens(scores, response, protected, config, spans, fit)
-    n_scored = int(response.sum())
-    return ScoredDataset(
-        input_ids=input_ids,
-        labels=labels,
-        offsets=offsets,
-        scores=scores,
-        protected=protected,
-        selection=selection,
-        config=config,
-        texts=texts,
-        domain_words=domain_words,
-        spans=spans,
-        truncated=data.truncated,
-        empty_response=list(data.empty_response),
-        stats={
-            "scoring_seconds": round(stats.seconds + gain_stats.seconds, 3),
-            "total_seconds": round(time.perf_counter() - started, 3),
-            "forward_passes": stats.forward_passes + gain_stats.forward_passes,
-            "tokens_scored_by_model": stats.tokens + gain_stats.tokens,
-            "tokens_per_second": round((stats.tokens + gain_stats.tokens) / max(stats.seconds + gain_stats.seconds,
-                                                                               1e-9), 1),
-            "prompt_gain_seconds": round(gain_stats.seconds, 3),
-            "prompt_gain_tokens": gain_stats.tokens,
-            "cached_shards": cached_shards,
-            "response_tokens": n_scored,
-        },
-    )
+        ]) if scores.n_examples else np.zeros(0, bool)
+        if config.tr_method == "prompt_gain":
+            _fill_prompt_gain(self.model, part.data, scores, prompt_gain_wanted(scores, response, spans, config, fit),
+                              config, self.cache, part.shard_keys, gain_stats, self.progress, part.first)
+        selection = select_tokens(scores, response, protected, config, spans, fit)
+        return ScoredDataset(
+            input_ids=part.input_ids,
+            labels=part.labels,
+            offsets=scores.offsets,
+            scores=scores,
+            protected=protected,
+            selection=selection,
+            config=config,
+            texts=self.texts,
+            domain_words=domain_words,
+            spans=spans,
+            truncated=part.data.truncated,
+            empty_response=list(part.data.empty_response),
+        )
+
+
+def _forward_key(identity: dict[str, Any], config: XTFConfig, data: TokenizedData, start: int) -> str:
+    """The cache key of the forward entry of the shard of `data` that starts at example `start`."""
+    ids = data.input_ids[start : start + SHARD_EXAMPLES]
+    labels = data.labels[start : start + SHARD_EXAMPLES]
+    return stable_hash({"kind": "forward", **identity, "settings": config.scorer_settings(),
+                        "data": data_fingerprint(ids, labels)})
 
 
 def _forward_scores(
@@ -206,24 +339,23 @@ def _forward_scores(
     identity: dict[str, Any],
     stats: ScoringStats,
     progress: bool,
+    first: int = 0,
 ) -> tuple[TokenScores, int, list[str]]:
     """RI / KN (and the prompt gain's first term, see `score_forward`) for all examples, shard by shard through
-    the cache: (scores, shards taken from the cache, each shard's cache key).
+    the cache: (scores, shards taken from the cache, each shard's cache key). `first`: the index of `data`'s first
+    example in the dataset, for errors that name an example.
 
     Under torch.distributed every rank calls this with the same data: the ranks agree on which shards are
     cached everywhere, split the batches of each other shard between them, and gather the shard's scores,
     so every rank returns the same scores and rank 0 writes the cache.
     """
-    settings = config.scorer_settings()
     starts = range(0, len(data), SHARD_EXAMPLES)
     keys: list[str] = []
     entries: list[TokenScores | None] = []
     for start in starts:
-        ids = data.input_ids[start : start + SHARD_EXAMPLES]
-        labels = data.labels[start : start + SHARD_EXAMPLES]
-        keys.append(stable_hash({"kind": "forward", **identity, "settings": settings, "data": data_fingerprint(ids, labels)}))
+        keys.append(_forward_key(identity, config, data, start))
         entry = cache.load("forward", keys[-1], ("offsets", "ri", "kn", "tr")) if cache else None
-        lengths = [len(x) for x in ids]
+        lengths = [len(x) for x in data.input_ids[start : start + SHARD_EXAMPLES]]
         usable = entry is not None and np.array_equal(np.diff(entry["offsets"]), lengths)
         entries.append(TokenScores(entry["offsets"], entry["ri"], entry["kn"], entry["tr"]) if usable else None)
     # a shard counts as cached only where every rank has it (caches need not be shared between machines)
@@ -238,7 +370,7 @@ def _forward_scores(
         part = TokenScores.empty([len(x) for x in ids])
 
         def run(batches: Collection[int] | None) -> tuple[np.ndarray, ...]:
-            shard = score_forward(model, ids, labels, config, progress, stats, batches, start)  # noqa: B023
+            shard = score_forward(model, ids, labels, config, progress, stats, batches, first + start)  # noqa: B023
             return shard.ri, shard.kn, shard.tr
 
         part.ri, part.kn, part.tr = _split_between_ranks(run, forward_plan(ids, config), part.offsets)
@@ -279,12 +411,14 @@ def _fill_prompt_gain(
     shard_keys: list[str],
     stats: ScoringStats,
     progress: bool,
+    first: int = 0,
 ) -> None:
     """Turn `scores.tr` (`log p(token | prompt, prefix)`) into the prompt gain at the `wanted` tokens (bool
     `[n_tokens]`), NaN elsewhere.
 
     The second pass feeds each example's response alone, only as far as its last wanted token, and skips the
     examples without one; a shard's entry is keyed by its forward entry and by how far each example is fed.
+    `first`: the index of `data`'s first example in the dataset, for errors that name an example.
     """
     # every rank decides from rank 0's view: ranks whose per-node caches hold first passes of other runs (other
     # batches, other last bits) could otherwise disagree on a span at a fence and skip a collective
@@ -319,7 +453,7 @@ def _fill_prompt_gain(
             continue
 
         def run(batches: Collection[int] | None) -> tuple[np.ndarray, ...]:
-            return (alone_log_probs(model, ids, labels, shard_stops, config, progress, stats, batches, start),)  # noqa: B023
+            return (alone_log_probs(model, ids, labels, shard_stops, config, progress, stats, batches, first + start),)  # noqa: B023
 
         (alone[tokens],) = _split_between_ranks(run, alone_plan(labels, shard_stops, config), offsets - offsets[0])
         if cache is not None and rank() == 0:

@@ -129,7 +129,7 @@ def fit_selection(scores: TokenScores, response: np.ndarray, config: XTFConfig, 
     if config.mode == "spans":
         if spans is None or spans.ids.shape != (scores.n_tokens,):
             raise ValueError("mode 'spans' needs the spans of the same tokens (spans.find_spans)")
-        return fit_spans(_span_surprise(surprise(scores.kn), spans)[1], config)
+        return fit_spans(judged_surprise(scores.kn, spans), config)
     if config.mode == "union" and config.weights.enabled()["relevance"]:
         response = np.asarray(response, dtype=bool)
         return SelectionFit(tr_cuts=multiotsu_thresholds(scores.tr[response], config.tr_otsu_classes))
@@ -486,6 +486,12 @@ def _span_surprise(token_surprise: np.ndarray, spans: Spans) -> tuple[np.ndarray
     # a copy is the least surprising text there is: counted, repeats would pull the fence and each response's
     # reference down onto the spans that are only said once
     return span_surprise, np.where(spans.repeat, np.nan, span_surprise)
+
+
+def judged_surprise(kn: np.ndarray, spans: Spans) -> np.ndarray:
+    """float64 `[n_spans]`: each span's mean surprise from KN (`[n_tokens]`), NaN for repeats: what `fit_spans`
+    fits on (templates need not be decided yet)."""
+    return _span_surprise(surprise(kn), spans)[1]
 
 
 def prompt_gain_wanted(scores: TokenScores, response: np.ndarray, spans: Spans | None, config: XTFConfig,

@@ -95,8 +95,7 @@ SPAN_PART_EXAMPLES = 1024
 def find_spans(
     input_ids: np.ndarray, offsets: np.ndarray, response: np.ndarray, texts: TokenTexts, special_ids: set[int]
 ) -> Spans:
-    """Cut every response into spans, `SPAN_PART_EXAMPLES` examples at a time (a response's spans depend on it
-    alone); which shapes are templates is decided over all of them.
+    """Cut every response into spans (`cut_spans`) and decide which of them are templates (`templates`).
 
     Args:
         input_ids: int64 `[n_tokens]`, flat over examples.
@@ -105,35 +104,55 @@ def find_spans(
         texts: decoded token texts.
         special_ids: token ids (EOS, end of turn) that belong to no span.
     """
+    cut = cut_spans(input_ids, offsets, response, texts, special_ids)
+    spans = cut.spans
+    spans.template = templates(cut.shapes, cut.variants, spans.example, len(offsets) - 1, ~spans.repeat)
+    return spans
+
+
+@dataclass
+class SpanCut:
+    """The spans of some examples before templates are known (`spans.template` all False), with each span's shape
+    and whitespace-folded text as 64-bit keys: what `templates` needs of them to decide over all examples.
+
+    Attributes:
+        spans: the spans, numbered from 0, `example` counted from the first of these examples.
+        shapes: int64 `[n_spans]`, a key of each span's shape (`_copy_folded_shapes`).
+        variants: int64 `[n_spans]`, a key of each span's text with its whitespace folded.
+    """
+
+    spans: Spans
+    shapes: np.ndarray
+    variants: np.ndarray
+
+
+def cut_spans(
+    input_ids: np.ndarray, offsets: np.ndarray, response: np.ndarray, texts: TokenTexts, special_ids: set[int]
+) -> SpanCut:
+    """Cut the responses into spans, `SPAN_PART_EXAMPLES` examples at a time (a response's spans depend on it
+    alone); which spans are templates is left to `templates`, over every example of the dataset. Arguments as
+    `find_spans`."""
     offsets = np.asarray(offsets, np.int64)
     n_examples = len(offsets) - 1
     cuts = []
     for first in range(0, n_examples, SPAN_PART_EXAMPLES):
         last = min(n_examples, first + SPAN_PART_EXAMPLES)
         a, b = int(offsets[first]), int(offsets[last])
-        cut = _cut_spans(input_ids[a:b], offsets[first : last + 1] - a, response[a:b], texts, special_ids)
-        cuts.append((first, cut))
+        cuts.append((first, _cut_part(input_ids[a:b], offsets[first : last + 1] - a, response[a:b], texts, special_ids)))
     if not cuts:
-        return Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool),
-                     np.zeros(0, bool), [])
+        return _no_spans(np.zeros(0, bool))
     before = np.cumsum([0] + [cut.spans.n_spans for _, cut in cuts])
     ids = np.concatenate([np.where(cut.spans.ids >= 0, cut.spans.ids + before[k], -1) for k, (_, cut) in enumerate(cuts)])
     example = np.concatenate([cut.spans.example + first for first, cut in cuts])
-    repeat = np.concatenate([cut.spans.repeat for _, cut in cuts])
-    template = _templates(np.concatenate([cut.shapes for _, cut in cuts]),
-                          np.concatenate([cut.variants for _, cut in cuts]), example, n_examples, ~repeat)
-    return Spans(ids, example, template, repeat, np.concatenate([cut.spans.content for _, cut in cuts]),
-                 [text for _, cut in cuts for text in cut.spans.texts])
+    spans = Spans(ids, example, np.zeros(len(example), bool), np.concatenate([cut.spans.repeat for _, cut in cuts]),
+                  np.concatenate([cut.spans.content for _, cut in cuts]), [t for _, cut in cuts for t in cut.spans.texts])
+    return SpanCut(spans, np.concatenate([cut.shapes for _, cut in cuts]), np.concatenate([cut.variants for _, cut in cuts]))
 
 
-@dataclass
-class _Cut:
-    """The spans of some examples, before templates are known (`spans.template` all False), with each span's
-    shape and whitespace-folded text as 64-bit keys: what deciding templates over all examples needs."""
-
-    spans: Spans
-    shapes: np.ndarray
-    variants: np.ndarray
+def _no_spans(content: np.ndarray) -> SpanCut:
+    """No span in these tokens (`content`: bool `[n_tokens]`)."""
+    return SpanCut(Spans(np.full(len(content), -1, np.int64), np.zeros(0, np.int64), np.zeros(0, bool),
+                         np.zeros(0, bool), content, []), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 def _key(text: str) -> int:
@@ -141,10 +160,10 @@ def _key(text: str) -> int:
                           signed=True)
 
 
-def _cut_spans(
+def _cut_part(
     input_ids: np.ndarray, offsets: np.ndarray, response: np.ndarray, texts: TokenTexts, special_ids: set[int]
-) -> _Cut:
-    """Cut the responses of some examples into spans (see `find_spans`).
+) -> SpanCut:
+    """`cut_spans` of at most `SPAN_PART_EXAMPLES` examples.
 
     Token features are computed once per distinct token id and the cuts with array operations; only the
     joining of short pieces walks the spans (not the tokens) in Python.
@@ -152,8 +171,7 @@ def _cut_spans(
     n = len(input_ids)
     n_examples = len(offsets) - 1
     if n == 0:
-        return _Cut(Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool),
-                          np.zeros(0, bool), []), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return _no_spans(np.zeros(0, bool))
     distinct, inverse = np.unique(np.asarray(input_ids, np.int64), return_inverse=True)
     pieces = texts.of(distinct.tolist())
 
@@ -174,8 +192,7 @@ def _cut_spans(
     raw = np.where(inside, np.cumsum(starts) - 1, -1)
     first = np.flatnonzero(starts)
     if first.size == 0:  # no response token anywhere: no span
-        return _Cut(Spans(np.full(n, -1, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool),
-                          content, []), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return _no_spans(content)
     # the last token of each piece: the last inside token before the next piece starts
     last = np.maximum.reduceat(np.where(inside, np.arange(n), -1), first)
     n_raw = first.size
@@ -205,7 +222,7 @@ def _cut_spans(
     turn[joined] = raw_turn
     repeat = _repeats(span_texts, turn)
     spans = Spans(ids.astype(np.int64), example, np.zeros(n_spans, bool), repeat, content, span_texts)
-    return _Cut(spans, np.fromiter(map(_key, shapes), np.int64, n_spans),
+    return SpanCut(spans, np.fromiter(map(_key, shapes), np.int64, n_spans),
                 np.fromiter((_key(" ".join(t.split())) for t in span_texts), np.int64, n_spans))
 
 
@@ -258,10 +275,10 @@ def _join_short(example: np.ndarray, content: np.ndarray, line_end: np.ndarray) 
     return out
 
 
-def _templates(shapes: np.ndarray, variants: np.ndarray, example: np.ndarray, n_examples: int, eligible: np.ndarray
+def templates(shapes: np.ndarray, variants: np.ndarray, example: np.ndarray, n_examples: int, eligible: np.ndarray
                ) -> np.ndarray:
     """bool `[n_spans]`: the `eligible` span's shape occurs in enough responses (among eligible spans) with more
-    than one text to be the task's format. Repeats are not eligible: every word of one is copied, so the shapes of
+    than one text to be the task's format (over every span of the dataset, for any part of it). Repeats are not eligible: every word of one is copied, so the shapes of
     a dataset's loops would look alike.
 
     Args:

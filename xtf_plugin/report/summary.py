@@ -81,34 +81,62 @@ def top_dropped_tokens(
     return dropped.top(token_text, limit)
 
 
+SPAN_COUNTS = ("spans", "template_spans", "off_task_spans", "repeated_spans", "dropped_spans", "spared_spans",
+               "ungrounded_spans")
+"""Spans mode's thresholds that count spans: a part's counts add up to the dataset's."""
+
+
 def dropped_spans(scored: Any, limit: int = 20) -> dict[str, Any] | None:
     """Spans mode: how many spans were masked (off-task or repeated), and the most surprising off-task ones with
     their example, text, mean surprise (nats per word token) and why they are off-task: `surprising` (above the
     surprise fence) or, with the prompt gain, `not grounded` (below it, and the prompt makes the span less likely;
     `prompt_gain` is the span's mean gain in nats per word token); None in the other modes."""
-    selection, spans = scored.selection, scored.spans
-    if selection.span_surprise is None or spans is None:
-        return None
-    dropped_tokens = (selection.reasons & SPAN_BIT) > 0
-    in_span = dropped_tokens & (spans.ids >= 0)
-    dropped = np.unique(spans.ids[in_span])
-    repeated = dropped[spans.repeat[dropped]]
-    off_task = dropped[~spans.repeat[dropped]]
-    order = off_task[np.argsort(-selection.span_surprise[off_task], kind="stable")][:limit]
-    return {
-        "spans": spans.n_spans,
-        "template_spans": int(spans.template.sum()),
-        "off_task_spans": int(selection.span_off_task.sum()),
-        "repeated_spans": int(spans.repeat.sum()),
-        "dropped_spans": int(dropped.size),
-        "dropped_repeats": int(repeated.size),
-        "examples_with_a_dropped_span": int(np.unique(spans.example[dropped]).size),
-        "most_surprising": [_span_item(selection, spans, int(i)) for i in order],
-    }
+    tally = DroppedSpans(limit)
+    return tally.result() if tally.add(scored, 0) else None
 
 
-def _span_item(selection: Any, spans: Any, index: int) -> dict[str, Any]:
-    item = {"example": int(spans.example[index]), "surprise": round(float(selection.span_surprise[index]), 3),
+class DroppedSpans:
+    """`dropped_spans` of a dataset selected a part at a time: `add` the parts in order, then `result`."""
+
+    COUNTS = ("spans", "template_spans", "off_task_spans", "repeated_spans", "dropped_spans", "dropped_repeats",
+              "examples_with_a_dropped_span")
+
+    def __init__(self, limit: int = 20) -> None:
+        self.limit = limit
+        self.counts = dict.fromkeys(self.COUNTS, 0)
+        self.spans_before = 0
+        self.top: list[tuple[float, int, dict[str, Any]]] = []  # (-surprise, span index in the dataset, item)
+
+    def add(self, scored: Any, first: int) -> bool:
+        """Count a part whose first example is example `first` of the dataset; False when it has no spans
+        selection."""
+        selection, spans = scored.selection, scored.spans
+        if selection.span_surprise is None or spans is None:
+            return False
+        in_span = ((selection.reasons & SPAN_BIT) > 0) & (spans.ids >= 0)
+        dropped = np.unique(spans.ids[in_span])
+        repeated = dropped[spans.repeat[dropped]]
+        off_task = dropped[~spans.repeat[dropped]]
+        for key, value in zip(self.COUNTS, (
+            spans.n_spans, int(spans.template.sum()), int(selection.span_off_task.sum()), int(spans.repeat.sum()),
+            dropped.size, repeated.size, np.unique(spans.example[dropped]).size,
+        ), strict=True):
+            self.counts[key] += int(value)
+        # ties keep the dataset's span order, as one stable sort over the whole dataset would
+        order = off_task[np.argsort(-selection.span_surprise[off_task], kind="stable")][: self.limit]
+        self.top.extend((-float(selection.span_surprise[i]), self.spans_before + int(i),
+                         _span_item(selection, spans, int(i), first)) for i in order)
+        self.top.sort(key=lambda candidate: candidate[:2])
+        del self.top[self.limit :]
+        self.spans_before += spans.n_spans
+        return True
+
+    def result(self) -> dict[str, Any]:
+        return {**self.counts, "most_surprising": [item for *_, item in self.top]}
+
+
+def _span_item(selection: Any, spans: Any, index: int, first: int) -> dict[str, Any]:
+    item = {"example": first + int(spans.example[index]), "surprise": round(float(selection.span_surprise[index]), 3),
             "text": spans.texts[index]}
     if selection.span_gain is not None:
         gain = float(selection.span_gain[index])
@@ -119,39 +147,81 @@ def _span_item(selection: Any, spans: Any, index: int) -> dict[str, Any]:
 
 def summarize(scored: Any) -> dict[str, Any]:
     """JSON-serialisable summary of a `ScoredDataset`."""
-    drop = scored.selection.reasons
-    response = scored.response
-    n_response = int(response.sum())
-    dropped = int((drop > 0).sum())
-    per_example_response = np.add.reduceat(response, scored.offsets[:-1]) if scored.n_examples else np.zeros(0)
-    fraction = lambda count: round(count / n_response, 6) if n_response else 0.0  # noqa: E731
-    return {
-        "examples": scored.n_examples,
-        "examples_truncated": scored.truncated,
-        "examples_without_response": int((per_example_response == 0).sum()),
-        "examples_empty_response": len(getattr(scored, "empty_response", [])),
-        "response_tokens": n_response,
-        "dropped_tokens": dropped,
-        "dropped_fraction": fraction(dropped),
-        "kept_fraction": round(1 - fraction(dropped), 6),
-        "dropped_by_attribute": reason_counts(drop),
-        "dropped_fraction_by_attribute": {k: fraction(v) for k, v in reason_counts(drop).items()},
-        "flagged_by_attribute": reason_counts(scored.selection.flagged),
-        "pairwise_overlaps": pairwise_overlaps(drop),
-        "reason_combinations": reason_combinations(drop),
-        "protected_tokens": int(scored.protected.sum()),
-        "thresholds": scored.selection.thresholds,
-        "domain_words": list(scored.domain_words),
-        "top_dropped_tokens": {
-            k: [[text, n] for text, n in v]
-            for k, v in top_dropped_tokens(scored.input_ids, drop, scored.texts).items()
-        },
-        "mode": scored.config.mode,
-        "preset": scored.config.preset,
-        "action": scored.config.action,
-        **({"dropped_spans": spans} if (spans := dropped_spans(scored)) is not None else {}),
-        **scored.stats,
-    }
+    tally = SummaryTally()
+    tally.add(scored)
+    return tally.summary()
+
+
+class SummaryTally:
+    """`summarize` of a dataset scored a part at a time: `add` each part (a `ScoredDataset` of the next
+    consecutive examples, its `stats` those of the whole run once the last part is added), then `summary`. The
+    parts must share one selection fit (`selection.SelectionFit`); a spans selection's span counts add up, other
+    modes' thresholds are those of a single part."""
+
+    def __init__(self) -> None:
+        self.examples = self.truncated = self.without_response = self.empty_response = 0
+        self.response_tokens = self.protected = 0
+        self.values = np.zeros(256, np.int64)
+        self.flagged = np.zeros(256, np.int64)
+        self.dropped_ids = DroppedTokens()
+        self.spans = DroppedSpans()
+        self.has_spans = False
+        self.thresholds: dict[str, Any] | None = None
+        self.last: Any = None
+
+    def add(self, scored: Any) -> None:
+        response = scored.response
+        self.values += value_counts(scored.selection.reasons)
+        self.flagged += value_counts(scored.selection.flagged)
+        self.dropped_ids.add(scored.input_ids, scored.selection.reasons)
+        per_example_response = np.add.reduceat(response, scored.offsets[:-1]) if scored.n_examples else np.zeros(0)
+        self.without_response += int((per_example_response == 0).sum())
+        self.empty_response += len(getattr(scored, "empty_response", []))
+        self.truncated += scored.truncated
+        self.response_tokens += int(response.sum())
+        self.protected += int(scored.protected.sum())
+        thresholds = scored.selection.thresholds
+        if self.thresholds is None:
+            self.thresholds = dict(thresholds)
+        elif thresholds.get("mode") != "spans":
+            raise ValueError("only a spans selection is summarised a part at a time")
+        else:
+            for key in SPAN_COUNTS:
+                if key in thresholds:
+                    self.thresholds[key] += thresholds[key]
+        self.has_spans = self.spans.add(scored, self.examples) or self.has_spans
+        self.examples += scored.n_examples
+        self.last = scored
+
+    def summary(self) -> dict[str, Any]:
+        scored, n_response = self.last, self.response_tokens
+        dropped = int(self.values[1:].sum())
+        fraction = lambda count: round(count / n_response, 6) if n_response else 0.0  # noqa: E731
+        by_attribute = counts_by_reason(self.values)
+        return {
+            "examples": self.examples,
+            "examples_truncated": self.truncated,
+            "examples_without_response": self.without_response,
+            "examples_empty_response": self.empty_response,
+            "response_tokens": n_response,
+            "dropped_tokens": dropped,
+            "dropped_fraction": fraction(dropped),
+            "kept_fraction": round(1 - fraction(dropped), 6),
+            "dropped_by_attribute": by_attribute,
+            "dropped_fraction_by_attribute": {k: fraction(v) for k, v in by_attribute.items()},
+            "flagged_by_attribute": counts_by_reason(self.flagged),
+            "pairwise_overlaps": overlaps_of(self.values),
+            "reason_combinations": combinations_of(self.values),
+            "protected_tokens": self.protected,
+            "thresholds": self.thresholds,
+            "domain_words": list(scored.domain_words),
+            "top_dropped_tokens": {k: [[text, n] for text, n in v] for k, v in self.dropped_ids.top(scored.texts).items()},
+            "mode": scored.config.mode,
+            "preset": scored.config.preset,
+            "action": scored.config.action,
+            **({"dropped_spans": self.spans.result()} if self.has_spans else {}),
+            **scored.stats,
+        }
 
 
 def span_gain_text(gain: float | None) -> str:
