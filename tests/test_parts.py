@@ -108,3 +108,24 @@ def test_settings_fitted_on_every_token_take_one_part(tiny_model_dir, monkeypatc
         list(ScoringRun(model, tokenizer, XTFConfig(), progress=False, use_cache=False)
              .parts(lambda first, last: data, len(rows), 6))
     assert not math.isnan(float(parts[0].scores.kn[parts[0].response][0]))
+
+
+def test_data_that_changes_between_the_passes_is_refused(tiny_model_dir, monkeypatch):
+    """Pass 2 reads the rows again: a part whose tokens are not those pass 1 scored stops the run, naming it."""
+    from xtf_plugin.errors import XTFError
+
+    monkeypatch.setattr(pipeline, "SHARD_EXAMPLES", 4)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), device="cpu")
+    rows = gsm8k_rows(16)
+    asked = []
+
+    def part_of(first, last):
+        asked.append(first)
+        if len(asked) > 2 and first == 8:  # the file was edited after pass 1 read it
+            rows[9] = {**rows[9], "answer": rows[9]["answer"] + " Edited."}
+        return tokenize_records(rows[first:last], tokenizer, "auto", 2048, first=first)
+
+    run = ScoringRun(model, tokenizer, XTFConfig(), progress=False, use_cache=False)
+    with pytest.raises(XTFError, match="examples 9 to 16 changed while they were scored"):
+        list(run.parts(part_of, len(rows), 8))

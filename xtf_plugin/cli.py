@@ -13,9 +13,11 @@ reported as one line naming the key, file or row, with exit code 2 (`--debug` sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,55 +79,69 @@ def _score_and_write(
     records: Sequence[dict[str, Any]],
     data_format: str,
 ) -> int:
-    from xtf_plugin.data import tokenize_records
-    from xtf_plugin.distributed import is_main_process
+    from xtf_plugin.data import TokenizedData, tokenize_records
+    from xtf_plugin.distributed import is_main_process, world_size
     from xtf_plugin.models import load_model, load_tokenizer
     from xtf_plugin.output import write_output_dir
-    from xtf_plugin.pipeline import PART_EXAMPLES, ScoringRun, decides_in_parts
+    from xtf_plugin.pipeline import ScoringRun, part_size
     from xtf_plugin.report.summary import SummaryTally, render_summary
 
     tokenizer = load_tokenizer(args.model)
     n = len(records)
-    # a dataset the selection can decide a part at a time is tokenised a part at a time, each time it is read
-    part_examples = PART_EXAMPLES if decides_in_parts(config) and n > PART_EXAMPLES else max(n, 1)
+    part_examples = part_size(config, n)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a dataset decided a part at a time keeps its parts' tokens (and pass 1 its scores) on disk, next to the output
+    with tempfile.TemporaryDirectory(prefix=".xtf-tokens-", dir=out_dir.parent) as spill:
+        # every row is tokenised once, before the model loads: a row that cannot be fails first
+        whole, empty, no_response, truncated = None, [], [], 0
+        for first in range(0, n, part_examples):
+            part = tokenize_records(records[first : first + part_examples], tokenizer, data_format, config.max_length,
+                                    source=args.data, first=first)
+            empty += part.empty_response
+            no_response += part.no_response
+            truncated += part.truncated
+            if part_examples >= n:
+                whole = part
+            else:
+                part.save(Path(spill) / f"{first}.npz")
+        _warn_rows(empty, args.data, "an empty response: kept, only the end-of-sequence token is trained")
+        _warn_rows(no_response, args.data, f"no trained token (after truncation to max_length {config.max_length}): "
+                   "kept, nothing of them is trained")
+        if truncated:
+            logger.warning("%s: %d examples are longer than max_length %d and were truncated (set max_length to keep "
+                           "more)", args.data, truncated, config.max_length)
 
-    def part_of(first: int, last: int) -> Any:
-        return tokenize_records(records[first:last], tokenizer, data_format, config.max_length, source=args.data,
-                                first=first)
+        def part_of(first: int, last: int) -> TokenizedData:
+            return whole if whole is not None else TokenizedData.load(Path(spill) / f"{first}.npz")
 
-    # every row is tokenised before the model loads: a row that cannot be fails first
-    whole, empty, no_response, truncated = None, [], [], 0
-    for first in range(0, n, part_examples):
-        part = part_of(first, min(n, first + part_examples))
-        empty += part.empty_response
-        no_response += part.no_response
-        truncated += part.truncated
-        whole = part if part_examples >= n else None
-    _warn_rows(empty, args.data, "an empty response: kept, only the end-of-sequence token is trained")
-    _warn_rows(no_response, args.data, f"no trained token (after truncation to max_length {config.max_length}): "
-               "kept, nothing of them is trained")
-    if truncated:
-        logger.warning("%s: %d examples are longer than max_length %d and were truncated (set max_length to keep "
-                       "more)", args.data, truncated, config.max_length)
-    model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, device=args.device or rank_device)
-    main_rank = is_main_process()
-    run = ScoringRun(model, tokenizer, config, progress=main_rank and not args.quiet, use_cache=not args.no_cache)
-    parts = run.parts(part_of if whole is None else (lambda first, last: whole), n, part_examples)
-    if not main_rank:
-        for _ in parts:  # the ranks score together; rank 0 writes
-            pass
-        return 0
-    tally = SummaryTally()
+        model = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                           device=args.device or rank_device)
+        main_rank = is_main_process()
+        run = ScoringRun(model, tokenizer, config, progress=main_rank and not args.quiet,
+                         use_cache=not args.no_cache, spill_dir=spill)
+        parts = run.parts(part_of, n, part_examples)
+        if not main_rank:
+            for _ in parts:  # the ranks score together; rank 0 writes
+                pass
+            return 0
+        tally = SummaryTally()
 
-    def tallied() -> Any:
-        for part in parts:
-            tally.add(part)
-            yield part
+        def tallied() -> Any:
+            for part in parts:
+                tally.add(part)
+                yield part
 
-    def summary() -> dict[str, Any]:
-        return {**tally.summary(), "model": args.model, "data": args.data, "format": data_format}
+        def summary() -> dict[str, Any]:
+            return {**tally.summary(), "model": args.model, "data": args.data, "format": data_format}
 
-    write_output_dir(out_dir, tallied(), summary, overwrite=args.overwrite)
+        try:
+            write_output_dir(out_dir, tallied(), summary, overwrite=args.overwrite)
+        except BaseException:
+            if world_size() > 1:  # the other ranks wait in the next part's collectives: score on, then stop
+                with contextlib.suppress(Exception):
+                    for _ in parts:
+                        pass
+            raise
     written = summary()
     if not args.quiet:
         render_summary(written, title=f"XTF summary ({out_dir})")

@@ -62,6 +62,24 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def save(self, path: str | Path) -> None:
+        """Write to an `.npz` file (token ids and labels as int32: 8 bytes a token)."""
+        lengths = np.array([len(x) for x in self.input_ids], np.int64)
+        flat = (np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+                for arrays in (self.input_ids, self.labels))
+        np.savez(path, input_ids=next(flat), labels=next(flat), lengths=lengths, truncated=self.truncated,
+                 format=self.format, no_response=np.array(self.no_response, np.int64),
+                 empty_response=np.array(self.empty_response, np.int64))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenizedData:
+        """What `save` wrote."""
+        with np.load(path) as arrays:
+            cuts = np.cumsum(arrays["lengths"])[:-1]
+            return cls(np.split(arrays["input_ids"].astype(np.int64), cuts), np.split(arrays["labels"].astype(np.int64), cuts),
+                       int(arrays["truncated"]), str(arrays["format"]), arrays["no_response"].tolist(),
+                       arrays["empty_response"].tolist())
+
 
 def read_records(source: str) -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / Parquet / CSV file, a `datasets.save_to_disk` folder, or a hub dataset name.
@@ -165,8 +183,9 @@ class JsonlRows(Sequence[dict[str, Any]]):
     def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
         if isinstance(index, slice):
             first, last, step = index.indices(len(self))
-            rows = self._read(first, max(first, last))
-            return rows if step == 1 else rows[::step]
+            if step != 1:
+                return [self[i] for i in range(first, last, step)]
+            return self._read(first, max(first, last))
         position = index + len(self) if index < 0 else index
         if not 0 <= position < len(self):
             raise IndexError(index)
@@ -249,7 +268,7 @@ def tokenize_records(
 
     Raises `XTFError` naming the row (1-based) and the missing column or the problem.
     """
-    fmt = resolve_format(records, format, source)
+    fmt = resolve_format(records, format, source, first)
     data = TokenizedData([], [], format=fmt)
     for row, record in enumerate(records, start=first + 1):
         where = f"{source}: row {row}"
@@ -279,9 +298,10 @@ def _response_is_empty(record: dict[str, Any], fmt: str) -> bool:
     return False
 
 
-def resolve_format(records: Sequence[dict[str, Any]], format: str = "auto", source: str = "data") -> str:
+def resolve_format(records: Sequence[dict[str, Any]], format: str = "auto", source: str = "data", first: int = 0
+                   ) -> str:
     """The format of the rows (`auto` picks it from the first row), after checking that every row has its
-    columns; needs no tokenizer, so a bad file fails before any model is loaded.
+    columns; needs no tokenizer, so a bad file fails before any model is loaded. `first`: as `tokenize_records`.
 
     Raises `XTFError` naming the source, the row (1-based) and the missing column.
     """
@@ -293,8 +313,8 @@ def resolve_format(records: Sequence[dict[str, Any]], format: str = "auto", sour
         try:
             format = detect_format(records[0])
         except XTFError as error:
-            raise XTFError(f"{source}: row 1: {error}") from error
-    for row, record in enumerate(records, start=1):
+            raise XTFError(f"{source}: row {first + 1}: {error}") from error
+    for row, record in enumerate(records, start=first + 1):
         _check_columns(record, format, f"{source}: row {row}")
     return format
 

@@ -7,8 +7,9 @@ off-task span, with KN a repeat). `trl sft` and axolotl read it as a pre-tokenis
 `xtf_input_ids` / `xtf_labels` hold every token, aligned with the score columns.
 
 The folder is written next to its destination under a temporary name and renamed into place, so an
-interrupted run never leaves half an output. `read_output_dir` reads it back into flat arrays (example `i` owns
-positions `offsets[i]:offsets[i + 1]`, as in `TokenScores`) for `xtf report`.
+interrupted run never leaves half an output. `ScoredFolder` reads it back a part at a time for `xtf report`, and
+`read_output_dir` whole, into flat arrays (example `i` owns positions `offsets[i]:offsets[i + 1]`, as in
+`TokenScores`).
 """
 
 from __future__ import annotations

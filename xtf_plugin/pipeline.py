@@ -26,6 +26,7 @@ from xtf_plugin.config import XTFConfig
 from xtf_plugin.data import TokenizedData
 from xtf_plugin.distributed import all_gather, is_main_process, rank, world_size
 from xtf_plugin.errors import XTFError
+from xtf_plugin.output import ROWS_PER_GROUP
 from xtf_plugin.scoring.engine import (
     SCORER_VERSION,
     ScoringStats,
@@ -57,8 +58,9 @@ SHARD_EXAMPLES = 256
 @dataclass
 class ScoredDataset:
     """Tokenised examples with their scores, protected tokens and current selection (all flat, see
-    `TokenScores`): what `score_dataset` returns and `output.read_output_dir` reads back (then with the
-    `summary` and the `source` folder, and `texts` once `output.attach_texts` has run).
+    `TokenScores`): what `score_dataset` returns (or `ScoringRun.parts`, one part at a time) and
+    `output.ScoredFolder` reads back (then with the `summary` and the `source` folder, and `texts` once
+    `output.attach_texts` has run).
 
     With the prompt gain in spans mode, `scores.tr` is NaN outside the spans this selection read it in: selecting
     again with lower `span_*_k` or another mode needs scores from a run with those settings (a missing gain counts
@@ -104,7 +106,8 @@ class ScoredDataset:
         yield 0, self
 
     def first_examples(self, count: int) -> ScoredDataset:
-        """Itself, which holds the first `count` examples (`output.ScoredFolder.first_examples` reads just those)."""
+        """Itself: it holds the first `count` examples, and the rest (`output.ScoredFolder.first_examples` reads just
+        those)."""
         return self
 
     def per_example(self, flat: np.ndarray) -> list[np.ndarray]:
@@ -130,10 +133,10 @@ class ScoredDataset:
         return [x[k] for x, k in zip(ids, keep, strict=True)], [y[k] for y, k in zip(labels, keep, strict=True)], keep
 
 
-PART_EXAMPLES = 4096
+PART_EXAMPLES = ROWS_PER_GROUP
 """Examples a selection decides at a time when it can (`decides_in_parts`): a multiple of `SHARD_EXAMPLES`, so the
-parts' cache entries are those of one run over the whole dataset, and equal to `output.ROWS_PER_GROUP`, so the
-parts write the same row groups."""
+parts' cache entries are those of one run over the whole dataset, and the parquet writer's row group, so the
+parts write the row groups of one run."""
 
 
 def decides_in_parts(config: XTFConfig) -> bool:
@@ -142,6 +145,16 @@ def decides_in_parts(config: XTFConfig) -> bool:
     mode's TR cuts, weighted mode's ranks and vector TR's domain words are fitted on every token, so those
     settings take the whole dataset as one part."""
     return config.mode == "spans" and config.tr_method == "prompt_gain"
+
+
+def part_size(config: XTFConfig, n_examples: int, part_examples: int = PART_EXAMPLES) -> int:
+    """Examples per part of a run over `n_examples`: `part_examples` where the settings allow it and the dataset has
+    more, else all of them (one part)."""
+    if not decides_in_parts(config) or part_examples >= n_examples:
+        return max(n_examples, 1)
+    if part_examples % SHARD_EXAMPLES:
+        raise ValueError(f"part_examples {part_examples}: expected a multiple of {SHARD_EXAMPLES}")
+    return part_examples
 
 
 def score_dataset(
@@ -193,8 +206,11 @@ class ScoringRun:
     whole dataset would decide it. Under torch.distributed all ranks call `parts` together, as `score_dataset`."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: XTFConfig, progress: bool = True,
-                 use_cache: bool = True) -> None:
+                 use_cache: bool = True, spill_dir: str | Path | None = None) -> None:
+        """`spill_dir`: where pass 1 leaves each part's scores for pass 2 (about 12 bytes a token, deleted at the
+        end; default: the system's temporary folder)."""
         self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
+        self.spill_dir = spill_dir
         self.cache = ScoreCache(config.resolved_cache_dir()) if use_cache else None
         self.identity = {
             "scorer_version": SCORER_VERSION,
@@ -214,22 +230,22 @@ class ScoringRun:
             part_of: `part_of(first, last)` gives examples `first` to `last - 1` tokenised; each is asked for twice
                 when there are several parts.
             n_examples: examples in the dataset.
-            part_examples: examples per part, a multiple of `SHARD_EXAMPLES` (settings that cannot be decided a
-                part at a time, see `decides_in_parts`, take the whole dataset as one part).
+            part_examples: examples per part, a multiple of `SHARD_EXAMPLES` (see `part_size`: settings that cannot
+                be decided a part at a time take the whole dataset as one part).
+
+        Raises `XTFError` when a part's tokens differ between the passes (the data changed meanwhile).
         """
         started = time.perf_counter()
-        if not decides_in_parts(self.config) or part_examples >= n_examples:
-            part_examples = max(n_examples, 1)
-        elif part_examples % SHARD_EXAMPLES:
-            raise ValueError(f"part_examples {part_examples}: expected a multiple of {SHARD_EXAMPLES}")
+        part_examples = part_size(self.config, n_examples, part_examples)
         bounds = [(first, min(n_examples, first + part_examples)) for first in range(0, max(n_examples, 1), part_examples)]
         stats, gain_stats = ScoringStats(), ScoringStats()
-        with tempfile.TemporaryDirectory(prefix="xtf-parts-") as spill:
+        with tempfile.TemporaryDirectory(prefix=".xtf-parts-", dir=self.spill_dir) as spill:
             # pass 1: every part's scores, and what the fit needs of its spans
-            kept, cached_shards, judged, cuts = None, 0, [], []
+            kept, cached_shards, judged, cuts, keys = None, 0, [], [], []
             for k, (first, last) in enumerate(bounds):
                 part, cached = self._forward(part_of(first, last), first, stats)
                 cached_shards += cached
+                keys.append(part.shard_keys)
                 if part.cut is not None:
                     judged.append(judged_surprise(part.scores.kn, part.cut.spans))
                     cuts.append((first, part.cut.spans.example, part.cut.spans.repeat, part.cut.shapes, part.cut.variants))
@@ -237,6 +253,7 @@ class ScoringRun:
                     kept = part
                 else:
                     np.savez(Path(spill) / f"{k}.npz", ri=part.scores.ri, kn=part.scores.kn, tr=part.scores.tr)
+            del part  # pass 2 holds one part at a time, not this one and its own
             fit, template = None, None
             if self.config.mode == "spans":
                 fit = fit_spans(np.concatenate(judged), self.config)
@@ -247,7 +264,8 @@ class ScoringRun:
             # pass 2: each part decided with the fit
             spans_before = response_tokens = 0
             for k, (first, last) in enumerate(bounds):
-                part = kept if kept is not None else self._reload(part_of(first, last), first, Path(spill) / f"{k}.npz")
+                part = kept if kept is not None else self._reload(part_of(first, last), first, Path(spill) / f"{k}.npz",
+                                                                  keys[k])
                 spans = None
                 if part.cut is not None and template is not None:
                     spans = part.cut.spans
@@ -276,12 +294,15 @@ class ScoringRun:
                                                self.progress, first)
         return self._with_tokens(data, first, scores, keys), cached
 
-    def _reload(self, data: TokenizedData, first: int, spilled: Path) -> _Forward:
-        """Pass 2 on one part of several: its scores as pass 1 left them (the shards' cache keys recomputed)."""
+    def _reload(self, data: TokenizedData, first: int, spilled: Path, keys: list[str]) -> _Forward:
+        """Pass 2 on one part of several: its scores as pass 1 left them, if its shards are those pass 1 scored
+        (`keys`)."""
+        if keys != [_forward_key(self.identity, self.config, data, start) for start in range(0, len(data), SHARD_EXAMPLES)]:
+            raise XTFError(f"examples {first + 1} to {first + len(data)} changed while they were scored (was the data "
+                           "file modified?); score them again")
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in data.input_ids], dtype=np.int64)])
         with np.load(spilled) as arrays:
             scores = TokenScores(offsets, arrays["ri"], arrays["kn"], arrays["tr"])
-        keys = [_forward_key(self.identity, self.config, data, start) for start in range(0, len(data), SHARD_EXAMPLES)]
         return self._with_tokens(data, first, scores, keys)
 
     def _with_tokens(self, data: TokenizedData, first: int, scores: TokenScores, keys: list[str]) -> _Forward:
