@@ -35,6 +35,8 @@ def test_reason_counts_overlaps_combinations_by_hand():
         "reasoning+novelty+relevance": 1,
     }
     assert sum(reason_combinations(DROP).values()) == int((DROP > 0).sum()) == 8
+    # masked with its span (bit 8) or alone, a TR token counts for TR once
+    assert reason_combinations(np.array([4, 12, 12, 10], np.uint8)) == {"relevance": 3, "novelty": 1}
 
 
 def test_top_dropped_tokens_and_reason_names_by_hand():

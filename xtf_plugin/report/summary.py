@@ -49,11 +49,12 @@ def overlaps_of(values: np.ndarray) -> dict[str, int]:
 
 
 def combinations_of(values: np.ndarray) -> dict[str, int]:
-    """`reason_combinations` from `value_counts`."""
-    return {
-        "+".join(name for name in ATTRIBUTES if bits & REASON_BITS[name]): int(values[bits])
-        for bits in np.flatnonzero(values[1:]) + 1
-    }
+    """`reason_combinations` from `value_counts` (a token masked with its span counts with its attributes)."""
+    combined: dict[str, int] = {}
+    for bits in (np.flatnonzero(values[1:]) + 1).tolist():
+        name = "+".join(name for name in ATTRIBUTES if bits & REASON_BITS[name])
+        combined[name] = combined.get(name, 0) + int(values[bits])
+    return combined
 
 
 class DroppedTokens:
