@@ -10,7 +10,8 @@ started by a small wrapper that reports its wall time and peak RSS (`getrusage` 
 * `report`: `xtf report --html`, and `browser`: the page opened and painted in headless Chromium, less the
   browser's own start on an empty page;
 * `axolotl`: `axolotl preprocess` with an `xtf:` block (axolotl's `load_datasets` path), when axolotl imports,
-  up to `--axolotl-max` examples (axolotl's own tokenising, one process, takes most of that arm's time);
+  up to `--axolotl-max` examples, and `axolotl_alone`: the same without the `xtf:` block (axolotl's own
+  tokenising, one process, takes most of that arm's time): XTF's share is the difference;
 * `loaded`: a process that imports xtf_plugin and loads the model, nothing else: memory "above the loaded
   model" is an arm's peak minus this one.
 
@@ -65,17 +66,18 @@ def write_rows(path: Path, n: int) -> None:
                                      "output": row["answer"]}) + "\n")
 
 
-def axolotl_config(folder: Path, model: Path, data: Path) -> Path:
-    """A CPU `axolotl preprocess` config for the tiny model, XTF with its defaults."""
+def axolotl_config(folder: Path, model: Path, data: Path, xtf: bool = True) -> Path:
+    """A CPU `axolotl preprocess` config for the tiny model, XTF with its defaults (or without the `xtf:` block)."""
+    name = "axolotl" if xtf else "axolotl-alone"
     cfg = {
         "base_model": str(model), "datasets": [{"path": str(data), "ds_type": "json", "type": "alpaca"}],
-        "dataset_prepared_path": str(folder / "prepared"), "val_set_size": 0, "sequence_len": 1024,
+        "dataset_prepared_path": str(folder / f"{name}-prepared"), "val_set_size": 0, "sequence_len": 1024,
         "sample_packing": False, "micro_batch_size": 2, "num_epochs": 1, "learning_rate": 1e-3,
         "optimizer": "adamw_torch", "bf16": False, "fp16": False, "tf32": False,
-        "output_dir": str(folder / "out"), "dataset_num_proc": 1, "plugins": ["xtf_plugin.XTFPlugin"],
-        "xtf": {"cache_dir": str(folder / "axolotl-cache")},
+        "output_dir": str(folder / f"{name}-out"), "dataset_num_proc": 1, "plugins": ["xtf_plugin.XTFPlugin"],
+        **({"xtf": {"cache_dir": str(folder / "axolotl-cache")}} if xtf else {}),
     }
-    path = folder / "axolotl.yml"
+    path = folder / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -108,7 +110,16 @@ def browser_seconds(page: Path, profile: Path) -> dict[str, Any]:
             "examples_rendered": dom.count('class="example"')}
 
 
-def run_size(work: Path, model: Path, n: int, with_axolotl: bool) -> dict[str, Any]:
+def response_tokens(model: Path, data: Path) -> int:
+    """The response tokens `xtf score` would count in `data` (when its arm does not run)."""
+    from xtf_plugin.data import read_rows, tokenize_records
+    from xtf_plugin.models import load_tokenizer
+
+    tokenized = tokenize_records(read_rows(str(data)), load_tokenizer(str(model)))
+    return int(sum((labels != -100).sum() for labels in tokenized.labels))
+
+
+def run_size(work: Path, model: Path, n: int, with_axolotl: bool, with_cli: bool = True) -> dict[str, Any]:
     folder = work / f"n{n}"
     folder.mkdir()
     data = folder / "rows.jsonl"
@@ -116,15 +127,21 @@ def run_size(work: Path, model: Path, n: int, with_axolotl: bool) -> dict[str, A
     env = environment(folder / "cache")
     cli = [sys.executable, "-m", "xtf_plugin.cli"]
     score = [*cli, "score", "--model", str(model), "--data", str(data), "--quiet"]
-    arms: dict[str, Any] = {
-        "score": measure_process([*score, "--out", str(folder / "out")], env),
-        "rescore": measure_process([*score, "--out", str(folder / "out2"), "--set", "drop_ratio=0.3"], env),
-        "report": measure_process([*cli, "report", str(folder / "out"), "--html", str(folder / "page.html")], env),
-    }
-    arms["browser"] = browser_seconds(folder / "page.html", folder / "chromium-profile")
+    arms: dict[str, Any] = {}
+    if with_cli:
+        arms["score"] = measure_process([*score, "--out", str(folder / "out")], env)
+        arms["rescore"] = measure_process([*score, "--out", str(folder / "out2"), "--set", "drop_ratio=0.3"], env)
+        arms["report"] = measure_process([*cli, "report", str(folder / "out"), "--html", str(folder / "page.html")], env)
+        arms["browser"] = browser_seconds(folder / "page.html", folder / "chromium-profile")
     if with_axolotl:
-        arms["axolotl"] = measure_process([str(Path(sys.executable).parent / "axolotl"), "preprocess",
-                                   str(axolotl_config(folder, model, data))], env)
+        axolotl = str(Path(sys.executable).parent / "axolotl")
+        arms["axolotl_alone"] = measure_process([axolotl, "preprocess", str(axolotl_config(folder, model, data, False))],
+                                                env)
+        arms["axolotl"] = measure_process([axolotl, "preprocess", str(axolotl_config(folder, model, data))], env)
+    if not with_cli:
+        tokens = response_tokens(model, data)
+        shutil.rmtree(folder)
+        return {"examples": n, "response_tokens": tokens, "arms": arms}
     summary = json.loads((folder / "out" / "summary.json").read_text())
     rescored = json.loads((folder / "out2" / "summary.json").read_text())
     shutil.rmtree(folder)
@@ -149,6 +166,21 @@ def derived(sizes: list[dict[str, Any]], loaded_mib: float) -> dict[str, Any]:
             "peak_above_loaded_vs_first": round((size["arms"][arm]["peak_mib"] - loaded_mib) / base_memory, 3)
             if base_memory > 0 else None,
         } for size in present]
+    with_alone = [size for size in sizes if "axolotl" in size["arms"] and "axolotl_alone" in size["arms"]]
+    if with_alone:  # XTF's share of `axolotl preprocess`: the arm with the block less the arm without it
+        def share(size: dict[str, Any], key: str) -> float:
+            return size["arms"]["axolotl"][key] - size["arms"]["axolotl_alone"][key]
+
+        first = with_alone[0]
+        out["axolotl_xtf_share"] = [{
+            "examples": size["examples"],
+            "seconds": round(share(size, "seconds"), 1),
+            "per_token_time_vs_first": round(share(size, "seconds") / size["response_tokens"]
+                                             / (share(first, "seconds") / first["response_tokens"]), 3),
+            "peak_mib": round(share(size, "peak_mib"), 1),
+            "peak_vs_first": round(share(size, "peak_mib") / share(first, "peak_mib"), 3)
+            if share(first, "peak_mib") > 0 else None,
+        } for size in with_alone]
     return out
 
 
@@ -161,7 +193,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"loaded model alone: {result['loaded_peak_mib']} MiB peak")
     for arm, points in result["derived"].items():
         lines.append(f"{arm}: per-token time vs first " + ", ".join(f"{p['per_token_time_vs_first']}" for p in points)
-                     + "; peak above loaded MiB " + ", ".join(f"{p['peak_above_loaded_mib']}" for p in points))
+                     + "; peak MiB (above the loaded model, or XTF's share) "
+                     + ", ".join(f"{p.get('peak_above_loaded_mib', p.get('peak_mib'))}" for p in points))
     return "\n".join(lines)
 
 
@@ -171,6 +204,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--axolotl-max", type=int, default=40_000,
                         help="largest size with the axolotl preprocess arm (0: none)")
+    parser.add_argument("--axolotl-only", action="store_true",
+                        help="only the axolotl arms (default output results/scale_axolotl.json)")
     parser.add_argument("--out", default=None, help="results JSON (default results/scale.json; --quick: none)")
     args = parser.parse_args()
     sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
@@ -183,17 +218,19 @@ def main() -> None:
         loaded = measure_process([sys.executable, "-c", LOAD_ONLY, str(model)], environment(work / "cache"))
         results = []
         for n in sizes:
-            results.append(run_size(work, model, n, with_axolotl and n <= args.axolotl_max))
+            results.append(run_size(work, model, n, with_axolotl and n <= args.axolotl_max, not args.axolotl_only))
             print(f"[{n} examples] " + ", ".join(f"{arm} {v.get('seconds')} s / {v.get('peak_mib', '-')} MiB"
                                                  for arm, v in results[-1]["arms"].items()), flush=True)
     result = {"machine": machine_info(), "settings": {"model": "tests' tiny Llama (2 layers, hidden 32, vocab 400)",
                                                       "sizes": sizes, "threads_per_process": 1,
-                                                      "axolotl_max": args.axolotl_max if with_axolotl else 0},
+                                                      "axolotl_max": args.axolotl_max if with_axolotl else 0,
+                                                      "axolotl_only": args.axolotl_only},
               "loaded_peak_mib": loaded["peak_mib"], "sizes": results,
               "derived": derived(results, loaded["peak_mib"]),
               "wall_seconds": round(time.perf_counter() - started, 1)}
     print(markdown(result))
-    out = Path(args.out) if args.out else (None if args.quick else RESULTS / "scale.json")
+    default = RESULTS / ("scale_axolotl.json" if args.axolotl_only else "scale.json")
+    out = Path(args.out) if args.out else (None if args.quick else default)
     if out is not None:
         write_json(out, result)
         print(f"wrote {out}")

@@ -129,3 +129,69 @@ def test_data_that_changes_between_the_passes_is_refused(tiny_model_dir, monkeyp
     run = ScoringRun(model, tokenizer, XTFConfig(), progress=False, use_cache=False)
     with pytest.raises(XTFError, match="examples 9 to 16 changed while they were scored"):
         list(run.parts(part_of, len(rows), 8))
+
+
+def tokenized_dataset(tokenizer, n: int, folder=None):
+    """A tokenised training set as TRL and axolotl hold it: `input_ids`, `labels`, an aligned `attention_mask`, a
+    `length`, and a list column of other lengths; saved and loaded back from `folder` (memory-mapped, with cache
+    files) or held in memory."""
+    from datasets import Dataset, load_from_disk
+
+    rows = gsm8k_rows(n)
+    for row in rows[::7]:
+        row["answer"] = row["answer"].split("\n")[0] + "\n" + row["answer"]
+    data = tokenize_records(rows, tokenizer)
+    dataset = Dataset.from_dict({
+        "input_ids": [x.tolist() for x in data.input_ids],
+        "attention_mask": [[1] * len(x) for x in data.input_ids],
+        "labels": [x.tolist() for x in data.labels],
+        "length": [len(x) for x in data.input_ids],
+        "tags": [[i, i] for i in range(n)],
+    })
+    if folder is None:
+        return dataset
+    dataset.save_to_disk(str(folder))
+    return load_from_disk(str(folder))
+
+
+@pytest.mark.parametrize("action", ["mask", "remove"])
+def test_a_tokenised_dataset_masked_in_parts_equals_one_part(tiny_model_dir, tmp_path, monkeypatch, action):
+    """`mask_dataset` (the axolotl path) scores a `datasets.Dataset` a part of the rows at a time and writes the new
+    columns to a content-named Arrow file beside the dataset's own: the rows equal those of one part and those of
+    the in-memory path (`mask_examples` + `apply_to_dataset`); a dataset held in memory stays in memory."""
+    from xtf_plugin.integrations.common import apply_to_dataset, mask_dataset, mask_examples
+
+    monkeypatch.setattr(pipeline, "SHARD_EXAMPLES", 4)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), device="cpu")
+    config = XTFConfig(preset="spans", span_fence_k=1.0, span_ungrounded_k=0.5, drop_ratio=0.5, action=action,
+                       cache_dir=str(tmp_path / "cache"))
+    source = tokenized_dataset(tokenizer, 30, tmp_path / "prepared")
+    parts = mask_dataset(model, tokenizer, source, config, progress=False, report_dir=tmp_path / "out",
+                         part_examples=8)
+    one = mask_dataset(model, tokenizer, source, config, progress=False, part_examples=10**6)
+    held = tokenized_dataset(tokenizer, 30)
+    in_memory = mask_dataset(model, tokenizer, held, config, progress=False, part_examples=8)
+    old = apply_to_dataset(held, mask_examples(model, tokenizer, held["input_ids"], held["labels"], config,
+                                               progress=False))
+    expected = old.to_dict()
+    for result in (parts, one, in_memory):
+        assert result.dataset.to_dict() == expected
+        assert {k: v for k, v in result.summary.items() if k not in RUN_FIELDS} == \
+            {k: v for k, v in parts.summary.items() if k not in RUN_FIELDS}
+    assert parts.summary["dropped_tokens"] > 0 and parts.summary["dropped_spans"]["dropped_spans"] > 0
+    changed = {"mask": ["labels"], "remove": ["attention_mask", "input_ids", "labels", "length"]}[action]
+    assert sorted(set(parts.dataset.column_names) - set(source.column_names)) == [] and \
+        parts.dataset.column_names[-len(changed):] == [c for c in ["attention_mask", "input_ids", "labels", "length"]
+                                                       if c in changed]
+    if action == "remove":  # the aligned column lost the same tokens; the other list column is left as it was
+        assert all(len(a) == len(i) for a, i in zip(parts.dataset["attention_mask"], parts.dataset["input_ids"],
+                                                    strict=True))
+        assert sum(parts.dataset["length"]) < sum(source["length"]) and parts.dataset["tags"] == source["tags"]
+    # the new columns: one memory-mapped file beside the dataset's, named by content (both runs wrote the same)
+    written = sorted(p.name for p in (tmp_path / "prepared").iterdir() if "xtf" in p.name)
+    assert len(written) == 1 and written[0].startswith("xtf-columns-") and written[0].endswith(".arrow")
+    assert any(written[0] in f["filename"] for f in parts.dataset.cache_files)
+    assert not in_memory.dataset.cache_files
+    assert parts.report is not None and "XTF report" in (tmp_path / "out" / "xtf_report.html").read_text()
+    assert one.report is None

@@ -4,8 +4,12 @@ labels back, and the numbers to log. No TRL or axolotl imports here."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,10 +18,10 @@ from transformers import TrainerCallback
 
 from xtf_plugin.config import ATTRIBUTES, XTFConfig
 from xtf_plugin.data import TokenizedData
-from xtf_plugin.distributed import is_main_process, rank
+from xtf_plugin.distributed import is_main_process, rank, world_size
 from xtf_plugin.logs import status_logger
 from xtf_plugin.output import list_array
-from xtf_plugin.pipeline import ScoredDataset, score_dataset
+from xtf_plugin.pipeline import PART_EXAMPLES, ScoredDataset, score_dataset
 from xtf_plugin.report.summary import summarize, summary_line
 from xtf_plugin.token_scores import flatten
 
@@ -27,11 +31,15 @@ def base_model_for_scoring(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The frozen base model inside `model`: a PEFT model with its adapters disabled (so QLoRA scores with the
     4-bit weights it trains on, without a second copy in memory), any other model as it is."""
     model = getattr(model, "module", model)  # DDP / accelerate wrappers
-    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-        with model.disable_adapter():
+    was_training = model.training
+    try:
+        if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+            with model.disable_adapter():
+                yield model
+        else:
             yield model
-    else:
-        yield model
+    finally:
+        model.train(was_training)  # scoring runs in eval mode
 
 
 def tokenizer_of(processing_class: Any) -> Any:
@@ -120,19 +128,113 @@ def mask_examples(
     labs = [np.asarray(x, dtype=np.int64) for x in labels] if labels is not None else [x.copy() for x in ids]
     data = TokenizedData(ids, labs)
     with base_model_for_scoring(model) as scorer:
-        was_training = scorer.training
-        try:
-            scored = score_dataset(scorer, tokenizer, data, config, progress=progress)
-        finally:
-            scorer.train(was_training)
-    summary = summarize(scored)
+        scored = score_dataset(scorer, tokenizer, data, config, progress=progress)
+    scored.summary = summarize(scored)
+    _log_summary(scored.summary)
+    _, labels_out, kept = scored.training_examples()
+    return MaskedExamples(labels_out, scored, scored.summary, kept)
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
     log = status_logger()
     log.info(summary_line(summary))
     # each rank's own share of the forward passes (shown with XTF_VERBOSITY=debug)
     log.debug("XTF rank %d: %d forward passes, %d cached shards", rank(), summary["forward_passes"],
               summary["cached_shards"])
-    _, labels_out, kept = scored.training_examples()
-    return MaskedExamples(labels_out, scored, summary, kept)
+
+
+@dataclass
+class MaskedDataset:
+    """Result of `mask_dataset`.
+
+    Attributes:
+        dataset: the `datasets.Dataset` with XTF's labels (and, with `action: remove`, without the removed tokens).
+        summary: the summary of the training set (`report.summary.summarize`).
+        report: the HTML report's path, when one was written.
+    """
+
+    dataset: Any
+    summary: dict[str, Any]
+    report: str | None = None
+
+    @property
+    def log_metrics(self) -> dict[str, float]:
+        """`xtf/kept_fraction` and `xtf/dropped_<attribute>` fractions, for the trainer's logs."""
+        return xtf_log_metrics(self.summary)
+
+
+def mask_dataset(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    config: XTFConfig,
+    progress: bool = True,
+    report_dir: str | Path | None = None,
+    part_examples: int = PART_EXAMPLES,
+) -> MaskedDataset:
+    """Score every row of a tokenised `datasets.Dataset` with the base model inside `model` and return it with
+    XTF's masks (`TrainingColumns`), a part of the rows at a time where the settings allow it
+    (`pipeline.ScoringRun.parts`), so that memory holds one part's tokens and scores whatever the dataset's size.
+
+    Args:
+        model: the model about to be trained (plain, PEFT/LoRA or 4-bit QLoRA).
+        tokenizer: its tokenizer.
+        dataset: rows with `input_ids` and `labels` (-100 on untrained tokens), one example each.
+        config: XTF settings.
+        progress: show the scoring progress bar.
+        report_dir: write the HTML report of the training set there (`xtf_report.html`; main process only).
+        part_examples: rows per part (a multiple of `pipeline.SHARD_EXAMPLES`).
+    Under torch.distributed every rank calls it together and gets the same dataset.
+    """
+    from xtf_plugin.output import ScoredFolder, write_output_dir
+    from xtf_plugin.pipeline import ScoringRun
+    from xtf_plugin.report.summary import SummaryTally
+    from xtf_plugin.tokens import TokenTexts
+
+    view = dataset.with_format("numpy", columns=["input_ids", "labels"])
+
+    def part_of(first: int, last: int) -> TokenizedData:
+        rows = view[first:last]
+        return TokenizedData([np.asarray(x, np.int64) for x in rows["input_ids"]],
+                             [np.asarray(x, np.int64) for x in rows["labels"]])
+
+    columns = TrainingColumns(dataset, config.action == "remove")
+    tally = SummaryTally()
+    report = None
+    writes_report = report_dir is not None and is_main_process()
+    try:
+        # pass 1's scores and the report's scored folder: next to the dataset's cache files, like the new columns
+        with base_model_for_scoring(model) as scorer, tempfile.TemporaryDirectory(prefix=".xtf-", dir=columns.folder) as work:
+            parts = ScoringRun(scorer, tokenizer, config, progress, spill_dir=work).parts(part_of, len(dataset),
+                                                                                          part_examples)
+
+            def added() -> Iterator[ScoredDataset]:
+                for part in parts:
+                    tally.add(part)
+                    columns.add(part)
+                    yield part
+
+            try:
+                if writes_report:
+                    scored = ScoredFolder(write_output_dir(Path(work) / "scored", added(), tally.summary))
+                    scored.texts, scored.source = TokenTexts(tokenizer), Path(str(report_dir))
+                    report = write_training_report(scored, str(report_dir))
+                else:
+                    for _ in added():
+                        pass
+            except BaseException:
+                if world_size() > 1:  # the other ranks wait in the next part's collectives: score on, then stop
+                    with contextlib.suppress(Exception):
+                        for _ in parts:
+                            pass
+                raise
+        masked = columns.finish()
+    except BaseException:
+        columns.discard()
+        raise
+    summary = tally.summary()
+    _log_summary(summary)
+    return MaskedDataset(masked, summary, report)
 
 
 def with_column(dataset: Any, name: str, rows: Sequence[np.ndarray]) -> Any:
@@ -152,29 +254,131 @@ def with_column(dataset: Any, name: str, rows: Sequence[np.ndarray]) -> Any:
 
 
 def apply_to_dataset(dataset: Any, result: MaskedExamples) -> Any:
-    """The `datasets.Dataset` the masks were computed for, with XTF's labels; with `action: remove` also without
-    the removed tokens in every column aligned with `input_ids` (`attention_mask`, `completion_mask`, ...), and
-    `position_ids` / `length` recomputed for the shorter rows."""
-    if not result.removes_tokens:
-        return with_column(dataset, "labels", result.labels)
-    lengths = [len(k) for k in result.kept]
+    """The `datasets.Dataset` the masks were computed for, with XTF's labels (see `TrainingColumns`)."""
+    columns = TrainingColumns(dataset, result.removes_tokens)
+    columns.add(result.scored)
+    return columns.finish()
+
+
+class TrainingColumns:
+    """The columns of a tokenised `datasets.Dataset` that XTF changes, written a part of the rows at a time.
+
+    `labels` takes XTF's -100s; with `action: remove` the dropped tokens also leave `input_ids` and every list
+    column aligned with it (`attention_mask`, `completion_mask`, ...: every row as long as its `input_ids`), and
+    `position_ids` / `length` are recomputed for the shorter rows. The new columns go to an Arrow file next to
+    the dataset's own cache files (named by a hash of their content, memory-mapped, as `datasets.map` leaves
+    its results) or, for a dataset held in memory or a read-only folder, to memory; `finish` joins them to the
+    unchanged columns. Rows, row order and every other column stay as they are.
+
+    Args:
+        dataset: the tokenised training set (`input_ids`, `labels`).
+        removes: `action: remove`.
+    """
+
+    def __init__(self, dataset: Any, removes: bool) -> None:
+        from datasets import Features, List, Value
+        from datasets.arrow_writer import ArrowWriter
+
+        self.dataset, self.removes, self.rows = dataset, removes, 0
+        present = dataset.column_names
+        self.aligned = _aligned_columns(dataset) if removes else []
+        names = [*self.aligned, "input_ids", "labels", *[c for c in ("position_ids", "length") if c in present]]
+        self.names = names if removes else ["labels"]
+        self.features = Features({
+            name: dataset.features[name] if name in present else List(Value("int64")) for name in self.names
+        })
+        # one hash a column, so that the name does not depend on how the rows were cut into parts
+        self.digests = {name: hashlib.blake2b(digest_size=16) for name in ["(rows)", *self.names]}
+        folder = Path(dataset.cache_files[0]["filename"]).parent if dataset.cache_files else None
+        self.path: Path | None = None
+        self.stream: Any = None
+        self.folder = folder if folder is not None and os.access(folder, os.W_OK) else None
+        """Where the new columns go (None: memory)."""
+        if self.folder is not None:
+            handle, name = tempfile.mkstemp(prefix=".xtf-columns-", suffix=".arrow", dir=self.folder)
+            os.close(handle)
+            self.path = Path(name)
+            self.writer = ArrowWriter(features=self.features, path=str(self.path))
+        else:
+            import pyarrow as pa
+
+            self.stream = pa.BufferOutputStream()
+            self.writer = ArrowWriter(features=self.features, stream=self.stream)
+
+    def add(self, scored: ScoredDataset) -> None:
+        """The next `scored.n_examples` rows, scored and selected (`ScoredDataset` of those rows)."""
+        import pyarrow as pa
+
+        first, count = self.rows, scored.n_examples
+        kept = scored.kept_in_input
+        offsets = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])[scored.offsets]
+        lengths = np.diff(offsets)
+        values = {"labels": scored.filtered_labels[kept], "input_ids": scored.input_ids[kept]}
+        if self.aligned:
+            rows = self.dataset.with_format("numpy", columns=self.aligned)[first : first + count]
+            for name in self.aligned:
+                values[name] = np.concatenate([np.asarray(row) for row in rows[name]])[kept] if count else kept[:0]
+        values["position_ids"] = np.arange(len(values["labels"]), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+        schema = self.features.arrow_schema
+        columns = {}
+        for name in self.names:
+            arrow_type = schema.field(name).type
+            if name == "length":
+                columns[name] = pa.array(lengths, type=arrow_type)
+            else:
+                columns[name] = list_array(values[name], offsets, arrow_type)
+            self.digests[name].update(np.ascontiguousarray(values.get(name, lengths)).tobytes())
+        self.digests["(rows)"].update(lengths.tobytes())
+        self.writer.write_table(pa.table(columns, schema=schema))
+        self.rows += count
+
+    def finish(self) -> Any:
+        """The dataset with the new columns (every row must have been added)."""
+        from datasets import Dataset, concatenate_datasets
+
+        if self.rows != len(self.dataset):
+            raise ValueError(f"{self.rows} rows written of {len(self.dataset)}")
+        self.writer.finalize()
+        if self.path is not None:
+            # content-named, so that the joined dataset's fingerprint (from the path) changes with the masks
+            digest = hashlib.blake2b("".join(f"{name}:{d.hexdigest()}" for name, d in self.digests.items()).encode(),
+                                     digest_size=16).hexdigest()
+            path = self.path.with_name(f"xtf-columns-{digest}.arrow")
+            os.replace(self.path, path)
+            columns = Dataset.from_file(str(path))
+        else:
+            columns = Dataset.from_buffer(self.stream.getvalue())
+        replaced = [name for name in self.names if name in self.dataset.column_names]
+        return concatenate_datasets([self.dataset.remove_columns(replaced), columns], axis=1)
+
+    def discard(self) -> None:
+        """Drop what was written (the run failed)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _aligned_columns(dataset: Any) -> list[str]:
+    """The list columns other than `input_ids`, `labels`, `position_ids` whose every row is as long as its
+    `input_ids` (compared from the Arrow lengths, without reading the values)."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")
+    aligned = []
     for name in dataset.column_names:
         if name in ("input_ids", "labels", "position_ids", "length"):
             continue
         feature = dataset.features[name]
         if not hasattr(feature, "feature") and not isinstance(feature, list):  # not a list column
             continue
-        rows = dataset.with_format("numpy", columns=[name])[name]
-        if all(len(row) == n for row, n in zip(rows, lengths, strict=True)):
-            dataset = with_column(dataset, name, [np.asarray(row)[k] for row, k in zip(rows, result.kept, strict=True)])
-    ids = dataset.with_format("numpy", columns=["input_ids"])["input_ids"]
-    dataset = with_column(dataset, "input_ids", [np.asarray(row)[k] for row, k in zip(ids, result.kept, strict=True)])
-    dataset = with_column(dataset, "labels", result.labels)
-    if "position_ids" in dataset.column_names:
-        dataset = with_column(dataset, "position_ids", [np.arange(len(row), dtype=np.int64) for row in result.labels])
-    if "length" in dataset.column_names:
-        dataset = dataset.remove_columns("length").add_column("length", [len(row) for row in result.labels])
-    return dataset
+        if all(pc.all(pc.equal(pc.list_value_length(rows.column(name)),
+                                pc.list_value_length(rows.column("input_ids")))).as_py() is not False
+               for rows in (table[first : first + LENGTH_CHECK_ROWS] for first in range(0, len(dataset),
+                                                                                       LENGTH_CHECK_ROWS))):
+            aligned.append(name)
+    return aligned
+
+
+LENGTH_CHECK_ROWS = 65536
 
 
 def soft_weights(scored: ScoredDataset) -> list[np.ndarray]:
@@ -212,18 +416,14 @@ def weighted_token_loss(
 REPORT_FILE = "xtf_report.html"
 
 
-def write_training_report(result: MaskedExamples, output_dir: str | None) -> str | None:
-    """Write the HTML report of the training set into the run's output folder (main process only); returns
-    its path."""
+def write_training_report(scored: Any, output_dir: str | None) -> str | None:
+    """Write the HTML report of the training set (a `ScoredDataset` or `output.ScoredFolder` with its summary and
+    token texts) into the run's output folder (main process only); returns its path."""
     if not output_dir or not is_main_process():
         return None
-    from pathlib import Path
-
     from xtf_plugin.report.html import write_html
 
-    scored = result.scored
-    scored.summary, scored.source = result.summary, Path(output_dir)
-    scored.texts.prepare(np.unique(scored.input_ids).tolist())
+    scored.source = Path(output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     path = write_html(scored, Path(output_dir) / REPORT_FILE)
     status_logger().info("XTF: report of the training set written to %s", path)

@@ -3,7 +3,9 @@
 Called from `XTFPlugin.load_datasets`, after axolotl's own loader has tokenised (or reloaded from
 `dataset_prepared_path`) the datasets and before the training model is loaded. Every row of the prepared
 training set is one example (with `sample_packing` too: packing happens later, in the sampler and collator),
-so each row is scored as it is and only its `labels` change.
+so each row is scored as it is and only its `labels` change. The rows are scored a part at a time where the
+settings allow it (`mask_dataset`), and the new `labels` column is written next to the dataset's cache files,
+so memory does not grow with the training set.
 
 Memory: the scoring model is the base model loaded here, on its own, *before* the training model exists, and
 it is freed (`del`, `gc.collect()`, `torch.cuda.empty_cache()`) before this function returns. Peak memory is
@@ -26,7 +28,7 @@ from xtf_plugin.config import to_xtf_config
 from xtf_plugin.distributed import is_main_process, local_device
 from xtf_plugin.errors import XTFError
 from xtf_plugin.integrations.axolotl.args import SOFT_UNSUPPORTED
-from xtf_plugin.integrations.common import apply_to_dataset, mask_examples, write_training_report
+from xtf_plugin.integrations.common import mask_dataset
 from xtf_plugin.pipeline import SHARD_EXAMPLES
 
 
@@ -128,16 +130,14 @@ def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
     if config.soft:
         raise XTFError(SOFT_UNSUPPORTED)
     tokenizer = load_tokenizer(cfg)
-    rows = dataset.with_format("numpy", columns=["input_ids", "labels"])
-    input_ids = list(rows["input_ids"])
-    labels = list(rows["labels"])
     device = local_device()
     # every rank at once: the ranks split the forward passes and gather the scores (see score_dataset)
     model = load_scoring_model(cfg, tokenizer, device)
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     try:
-        result = mask_examples(model, tokenizer, input_ids, labels, config, progress=is_main_process())
+        result = mask_dataset(model, tokenizer, dataset, config, progress=is_main_process(),
+                              report_dir=cfg.get("output_dir"))
     finally:
         del model
         release_memory()
@@ -146,10 +146,8 @@ def mask_train_dataset(cfg: Any, dataset: Any) -> tuple[Any, XTFRun]:
         summary=result.summary,
         metrics=result.log_metrics,
         scoring_model=description,
-        shards=math.ceil(len(input_ids) / SHARD_EXAMPLES),
+        shards=math.ceil(len(dataset) / SHARD_EXAMPLES),
         seconds=time.perf_counter() - started,
-        extra={"quantized": quantized},
+        extra={"quantized": quantized, "report": result.report},
     )
-    run.extra["report"] = write_training_report(result, cfg.get("output_dir"))
-    del input_ids, labels
-    return apply_to_dataset(dataset, result), run
+    return result.dataset, run

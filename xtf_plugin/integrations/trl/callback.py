@@ -89,7 +89,7 @@ class XTFCallback(XTFLogCallback):
         self.xtf_result = mask_examples(
             model, tokenizer_of(processing_class), ids, labels, self.xtf_config, progress=state.is_world_process_zero
         )
-        write_training_report(self.xtf_result, args.output_dir)
+        write_training_report(self.xtf_result.scored, args.output_dir)
         self.metrics = self.xtf_result.log_metrics
         masked_iter = iter(self.xtf_result.labels)
         masked: dict[bytes, list[int]] = {}

@@ -129,7 +129,7 @@ class XTFSFTTrainer(SFTTrainer):
             self.xtf_config,
             progress=self.is_world_process_zero(),
         )
-        write_training_report(self.xtf_result, self.args.output_dir)
+        write_training_report(self.xtf_result.scored, self.args.output_dir)
         self._xtf_log_metrics = self.xtf_result.log_metrics
         if self.xtf_config.soft:
             scored = self.xtf_result.scored
