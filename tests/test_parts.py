@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,44 +155,61 @@ def tokenized_dataset(tokenizer, n: int, folder=None):
     return load_from_disk(str(folder))
 
 
+def expected_rows(dataset, result) -> dict:
+    """`dataset` as `result` (`mask_examples` on its rows) says it should be trained: labels with the -100s and, with
+    `action: remove`, the kept tokens of `input_ids` and of the aligned `attention_mask`, and their `length`."""
+    rows = dataset.to_dict()
+    rows["labels"] = [labels.tolist() for labels in result.labels]
+    if result.removes_tokens:
+        for name in ("input_ids", "attention_mask"):
+            if name in rows:
+                rows[name] = [np.asarray(row)[kept].tolist() for row, kept in zip(rows[name], result.kept, strict=True)]
+        if "length" in rows:
+            rows["length"] = [len(labels) for labels in result.labels]
+    return rows
+
+
 @pytest.mark.parametrize("action", ["mask", "remove"])
 def test_a_tokenised_dataset_masked_in_parts_equals_one_part(tiny_model_dir, tmp_path, monkeypatch, action):
     """`mask_dataset` (the axolotl path) scores a `datasets.Dataset` a part of the rows at a time and writes the new
-    columns to a content-named Arrow file beside the dataset's own: the rows equal those of one part and those of
-    the in-memory path (`mask_examples` + `apply_to_dataset`); a dataset held in memory stays in memory."""
-    from xtf_plugin.integrations.common import apply_to_dataset, mask_dataset, mask_examples
+    columns to a content-named Arrow file beside the dataset's own: the rows are those `mask_examples` decides on
+    the whole dataset at once, for a memory-mapped dataset read through a shuffled index (as axolotl hands it over),
+    one whose every column changes, and one held in memory (which stays in memory)."""
+    from xtf_plugin.integrations.common import mask_dataset, mask_examples
 
     monkeypatch.setattr(pipeline, "SHARD_EXAMPLES", 4)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir), device="cpu")
     config = XTFConfig(preset="spans", span_fence_k=1.0, span_ungrounded_k=0.5, drop_ratio=0.5, action=action,
                        cache_dir=str(tmp_path / "cache"))
-    source = tokenized_dataset(tokenizer, 30, tmp_path / "prepared")
+    source = tokenized_dataset(tokenizer, 30, tmp_path / "prepared").shuffle(seed=0)
+    whole = mask_examples(model, tokenizer, source["input_ids"], source["labels"], config, progress=False)
+    expected = expected_rows(source, whole)
     parts = mask_dataset(model, tokenizer, source, config, progress=False, report_dir=tmp_path / "out",
                          part_examples=8)
     one = mask_dataset(model, tokenizer, source, config, progress=False, part_examples=10**6)
-    held = tokenized_dataset(tokenizer, 30)
+    held = tokenized_dataset(tokenizer, 30).shuffle(seed=0)
     in_memory = mask_dataset(model, tokenizer, held, config, progress=False, part_examples=8)
-    old = apply_to_dataset(held, mask_examples(model, tokenizer, held["input_ids"], held["labels"], config,
-                                               progress=False))
-    expected = old.to_dict()
     for result in (parts, one, in_memory):
         assert result.dataset.to_dict() == expected
+        assert result.dataset.column_names == source.column_names
         assert {k: v for k, v in result.summary.items() if k not in RUN_FIELDS} == \
-            {k: v for k, v in parts.summary.items() if k not in RUN_FIELDS}
-    assert parts.summary["dropped_tokens"] > 0 and parts.summary["dropped_spans"]["dropped_spans"] > 0
-    changed = {"mask": ["labels"], "remove": ["attention_mask", "input_ids", "labels", "length"]}[action]
-    assert sorted(set(parts.dataset.column_names) - set(source.column_names)) == [] and \
-        parts.dataset.column_names[-len(changed):] == [c for c in ["attention_mask", "input_ids", "labels", "length"]
-                                                       if c in changed]
-    if action == "remove":  # the aligned column lost the same tokens; the other list column is left as it was
-        assert all(len(a) == len(i) for a, i in zip(parts.dataset["attention_mask"], parts.dataset["input_ids"],
-                                                    strict=True))
+            {k: v for k, v in whole.summary.items() if k not in RUN_FIELDS}
+    assert whole.summary["dropped_tokens"] > 0 and whole.summary["dropped_spans"]["dropped_spans"] > 0
+    # axolotl's columns only: every one of them is written anew with `action: remove`
+    narrow = source.select_columns(["input_ids", "attention_mask", "labels"])
+    assert mask_dataset(model, tokenizer, narrow, config, progress=False, part_examples=8).dataset.to_dict() == \
+        {name: expected[name] for name in narrow.column_names}
+    if action == "remove":  # the other list column is left as it was
         assert sum(parts.dataset["length"]) < sum(source["length"]) and parts.dataset["tags"] == source["tags"]
-    # the new columns: one memory-mapped file beside the dataset's, named by content (both runs wrote the same)
-    written = sorted(p.name for p in (tmp_path / "prepared").iterdir() if "xtf" in p.name)
-    assert len(written) == 1 and written[0].startswith("xtf-columns-") and written[0].endswith(".arrow")
-    assert any(written[0] in f["filename"] for f in parts.dataset.cache_files)
+    # the new columns: one memory-mapped file beside the dataset's, named by content (both runs wrote the same), and
+    # no temporary left
+    def columns_files(result) -> set[str]:
+        return {Path(f["filename"]).name for f in result.dataset.cache_files if "xtf-columns-" in f["filename"]}
+
+    assert len(columns_files(parts)) == 1 and columns_files(parts) == columns_files(one)
+    assert columns_files(parts) <= {p.name for p in (tmp_path / "prepared").iterdir()}
+    assert not [p for p in (tmp_path / "prepared").iterdir() if p.name.startswith(".")]
     assert not in_memory.dataset.cache_files
     assert parts.report is not None and "XTF report" in (tmp_path / "out" / "xtf_report.html").read_text()
     assert one.report is None

@@ -268,7 +268,7 @@ class TrainingColumns:
     `position_ids` / `length` are recomputed for the shorter rows. The new columns go to an Arrow file next to
     the dataset's own cache files (named by a hash of their content, memory-mapped, as `datasets.map` leaves
     its results) or, for a dataset held in memory or a read-only folder, to memory; `finish` joins them to the
-    unchanged columns. Rows, row order and every other column stay as they are.
+    unchanged columns. Rows, row order, column order and every other column stay as they are.
 
     Args:
         dataset: the tokenised training set (`input_ids`, `labels`).
@@ -348,8 +348,15 @@ class TrainingColumns:
             columns = Dataset.from_file(str(path))
         else:
             columns = Dataset.from_buffer(self.stream.getvalue())
-        replaced = [name for name in self.names if name in self.dataset.column_names]
-        return concatenate_datasets([self.dataset.remove_columns(replaced), columns], axis=1)
+        kept = [name for name in self.dataset.column_names if name not in self.names]
+        joined = columns
+        if kept:
+            unchanged = self.dataset.select_columns(kept)
+            if unchanged._indices is not None:  # (`concatenate_datasets` would flatten the new columns too: a copy)
+                unchanged = unchanged.flatten_indices()
+            joined = concatenate_datasets([unchanged, columns], axis=1)
+        return joined.select_columns([*self.dataset.column_names, *[n for n in self.names if n not in kept
+                                                                     and n not in self.dataset.column_names]])
 
     def discard(self) -> None:
         """Drop what was written (the run failed)."""
