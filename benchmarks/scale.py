@@ -180,6 +180,9 @@ def derived(sizes: list[dict[str, Any]], loaded_mib: float) -> dict[str, Any]:
             "peak_mib": round(share(size, "peak_mib"), 1),
             "peak_vs_first": round(share(size, "peak_mib") / share(first, "peak_mib"), 3)
             if share(first, "peak_mib") > 0 else None,
+            "anon_mib": round(share(size, "anon_mib"), 1),
+            "anon_vs_first": round(share(size, "anon_mib") / share(first, "anon_mib"), 3)
+            if share(first, "anon_mib") > 0 else None,
         } for size in with_alone]
     return out
 
