@@ -258,9 +258,10 @@ class MemoryProbe:
 
 
 _MEASURE = r"""
-import json, resource, subprocess, sys, time
+import json, resource, subprocess, sys, tempfile, time
 started = time.perf_counter()
-child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+errors = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody reads it while the child runs
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=errors, text=True)
 peaks = {"RssAnon": 0, "RssFile": 0}
 def sample():
     try:
@@ -274,7 +275,8 @@ def sample():
 while child.poll() is None:
     sample()
     time.sleep(0.2)
-stderr = child.stderr.read()
+errors.seek(0)
+stderr = errors.read()
 seconds = time.perf_counter() - started
 if child.returncode:
     sys.exit(f"{sys.argv[1:]} failed ({child.returncode}):\n{stderr[-3000:]}")
