@@ -175,7 +175,7 @@ def test_a_tokenised_dataset_masked_in_parts_equals_one_part(tiny_model_dir, tmp
     columns to a content-named Arrow file beside the dataset's own: the rows are those `mask_examples` decides on
     the whole dataset at once, for a memory-mapped dataset read through a shuffled index (as axolotl hands it over),
     one whose every column changes, and one held in memory (which stays in memory)."""
-    from xtf_plugin.integrations.common import mask_dataset, mask_examples
+    from xtf_plugin.integrations.common import _memory_mapped, mask_dataset, mask_examples
 
     monkeypatch.setattr(pipeline, "SHARD_EXAMPLES", 4)
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -189,6 +189,7 @@ def test_a_tokenised_dataset_masked_in_parts_equals_one_part(tiny_model_dir, tmp
                          part_examples=8)
     one = mask_dataset(model, tokenizer, source, config, progress=False, part_examples=10**6)
     held = tokenized_dataset(tokenizer, 30).shuffle(seed=0)
+    assert _memory_mapped(source) and not _memory_mapped(held)  # read through fresh mappings; read as it is
     in_memory = mask_dataset(model, tokenizer, held, config, progress=False, part_examples=8)
     for result in (parts, one, in_memory):
         assert result.dataset.to_dict() == expected

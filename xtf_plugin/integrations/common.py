@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -191,12 +192,9 @@ def mask_dataset(
     from xtf_plugin.report.summary import SummaryTally
     from xtf_plugin.tokens import TokenTexts
 
-    view = dataset.with_format("numpy", columns=["input_ids", "labels"])
-
     def part_of(first: int, last: int) -> TokenizedData:
-        rows = view[first:last]
-        return TokenizedData([np.asarray(x, np.int64) for x in rows["input_ids"]],
-                             [np.asarray(x, np.int64) for x in rows["labels"]])
+        rows = read_rows(dataset, ["input_ids", "labels"], first, last, np.int64)
+        return TokenizedData(rows["input_ids"], rows["labels"])
 
     columns = TrainingColumns(dataset, config.action == "remove")
     tally = SummaryTally()
@@ -315,9 +313,9 @@ class TrainingColumns:
         lengths = np.diff(offsets)
         values = {"labels": scored.filtered_labels[kept], "input_ids": scored.input_ids[kept]}
         if self.aligned:
-            rows = self.dataset.with_format("numpy", columns=self.aligned)[first : first + count]
+            rows = read_rows(self.dataset, self.aligned, first, first + count)
             for name in self.aligned:
-                values[name] = np.concatenate([np.asarray(row) for row in rows[name]])[kept] if count else kept[:0]
+                values[name] = np.concatenate(rows[name])[kept] if count else kept[:0]
         values["position_ids"] = np.arange(len(values["labels"]), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
         schema = self.features.arrow_schema
         columns = {}
@@ -362,6 +360,28 @@ class TrainingColumns:
         """Drop what was written (the run failed)."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def read_rows(dataset: Any, columns: list[str], first: int, last: int, dtype: Any = None) -> dict[str, list[np.ndarray]]:
+    """Rows `first` to `last - 1` of a `datasets.Dataset`'s list `columns`, one copied array a row (`dtype`: as
+    stored). A memory-mapped dataset is read through a mapping of its own, let go with the rows' views: the pages
+    read would otherwise stay in the process's resident memory, and add up to the whole dataset over a run."""
+    view = dataset.with_format("numpy", columns=columns)
+    if _memory_mapped(dataset):
+        view = pickle.loads(pickle.dumps(view))  # memory-mapped tables pickle as their paths: a fresh mapping
+    rows = view[first:last]
+    return {name: [np.array(row, dtype=dtype) for row in rows[name]] for name in columns}
+
+
+def _memory_mapped(dataset: Any) -> bool:
+    """Whether every table of the dataset (and its index) is a memory-mapped file, so a copy of it costs no data."""
+    from datasets.table import ConcatenationTable, MemoryMappedTable
+
+    tables = [dataset.data] + ([dataset._indices] if dataset._indices is not None else [])
+    blocks = [block for table in tables
+              for block in ([b for row in table.blocks for b in row] if isinstance(table, ConcatenationTable)
+                            else [table])]
+    return all(isinstance(block, MemoryMappedTable) for block in blocks)
 
 
 def _aligned_columns(dataset: Any) -> list[str]:
