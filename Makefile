@@ -55,7 +55,8 @@ bench-quality:
 	python benchmarks/noise_detection.py && python benchmarks/mixed_styles.py
 
 # Scale: whole-process time and peak memory of xtf score, a selection re-run, xtf report --html (opened in
-# Chromium) and axolotl preprocess at 10k / 40k / 160k examples with the tests' tiny model; BENCH_ARGS=--quick.
+# Chromium) and axolotl preprocess (with and without an xtf: block) at 10k / 40k / 160k examples with the tests' tiny
+# model; BENCH_ARGS=--quick.
 bench-scale:
 	@venv="$$(.ci/venv.sh)" && export PATH="$$venv/bin:$$PATH" && \
 	python benchmarks/scale.py $(BENCH_ARGS)

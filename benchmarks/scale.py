@@ -205,7 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{', '.join(map(str, QUICK_SIZES))} examples")
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
-    parser.add_argument("--axolotl-max", type=int, default=40_000,
+    parser.add_argument("--axolotl-max", type=int, default=160_000,
                         help="largest size with the axolotl preprocess arm (0: none)")
     parser.add_argument("--axolotl-only", action="store_true",
                         help="only the axolotl arms (default output results/scale_axolotl.json)")
