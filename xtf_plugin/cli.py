@@ -13,7 +13,6 @@ reported as one line naming the key, file or row, with exit code 2 (`--debug` sh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -80,10 +79,10 @@ def _score_and_write(
     data_format: str,
 ) -> int:
     from xtf_plugin.data import TokenizedData, tokenize_records
-    from xtf_plugin.distributed import is_main_process, world_size
+    from xtf_plugin.distributed import is_main_process
     from xtf_plugin.models import load_model, load_tokenizer
     from xtf_plugin.output import write_output_dir
-    from xtf_plugin.pipeline import ScoringRun, part_size
+    from xtf_plugin.pipeline import ScoringRun, draining, part_size
     from xtf_plugin.report.summary import SummaryTally, render_summary
 
     tokenizer = load_tokenizer(args.model)
@@ -134,14 +133,8 @@ def _score_and_write(
         def summary() -> dict[str, Any]:
             return {**tally.summary(), "model": args.model, "data": args.data, "format": data_format}
 
-        try:
+        with draining(parts):
             write_output_dir(out_dir, tallied(), summary, overwrite=args.overwrite)
-        except BaseException:
-            if world_size() > 1:  # the other ranks wait in the next part's collectives: score on, then stop
-                with contextlib.suppress(Exception):
-                    for _ in parts:
-                        pass
-            raise
     written = summary()
     if not args.quiet:
         render_summary(written, title=f"XTF summary ({out_dir})")

@@ -10,6 +10,7 @@ and every rank gets the same scores. `ScoringRun.parts` does the same a part of 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -155,6 +156,21 @@ def part_size(config: XTFConfig, n_examples: int, part_examples: int = PART_EXAM
     if part_examples % SHARD_EXAMPLES:
         raise ValueError(f"part_examples {part_examples}: expected a multiple of {SHARD_EXAMPLES}")
     return part_examples
+
+
+@contextlib.contextmanager
+def draining(parts: Iterator[Any]) -> Iterator[Iterator[Any]]:
+    """`parts` (of `ScoringRun.parts`) for the block to consume; if the block fails under torch.distributed, the
+    remaining parts are scored before the error goes on, so that the other ranks, waiting in the next part's
+    collectives, are not left there."""
+    try:
+        yield parts
+    except BaseException:
+        if world_size() > 1:
+            with contextlib.suppress(Exception):
+                for _ in parts:
+                    pass
+        raise
 
 
 def score_dataset(

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from xtf_plugin.config import ATTRIBUTES, XTFConfig
 from xtf_plugin.data import TokenizedData
-from xtf_plugin.distributed import is_main_process, rank, world_size
+from xtf_plugin.distributed import is_main_process, rank
 from xtf_plugin.logs import status_logger
 from xtf_plugin.output import list_array
 from xtf_plugin.pipeline import PART_EXAMPLES, ScoredDataset, score_dataset
@@ -188,7 +188,7 @@ def mask_dataset(
     Under torch.distributed every rank calls it together and gets the same dataset.
     """
     from xtf_plugin.output import ScoredFolder, write_output_dir
-    from xtf_plugin.pipeline import ScoringRun
+    from xtf_plugin.pipeline import ScoringRun, draining
     from xtf_plugin.report.summary import SummaryTally
     from xtf_plugin.tokens import TokenTexts
 
@@ -212,7 +212,7 @@ def mask_dataset(
                     columns.add(part)
                     yield part
 
-            try:
+            with draining(parts):
                 if writes_report:
                     scored = ScoredFolder(write_output_dir(Path(work) / "scored", added(), tally.summary))
                     scored.texts, scored.source = TokenTexts(tokenizer), Path(str(report_dir))
@@ -220,12 +220,6 @@ def mask_dataset(
                 else:
                     for _ in added():
                         pass
-            except BaseException:
-                if world_size() > 1:  # the other ranks wait in the next part's collectives: score on, then stop
-                    with contextlib.suppress(Exception):
-                        for _ in parts:
-                            pass
-                raise
         masked = columns.finish()
     except BaseException:
         columns.discard()
