@@ -215,7 +215,7 @@ def mask_dataset(
             with draining(parts):
                 if writes_report:
                     scored = ScoredFolder(write_output_dir(Path(work) / "scored", added(), tally.summary))
-                    scored.texts, scored.source = TokenTexts(tokenizer), Path(str(report_dir))
+                    scored.texts = TokenTexts(tokenizer)
                     report = write_training_report(scored, str(report_dir))
                 else:
                     for _ in added():
@@ -271,7 +271,7 @@ class TrainingColumns:
         from datasets import Features, List, Value
         from datasets.arrow_writer import ArrowWriter
 
-        self.dataset, self.removes, self.rows = dataset, removes, 0
+        self.dataset, self.rows = dataset, 0
         present = dataset.column_names
         self.aligned = _aligned_columns(dataset) if removes else []
         names = [*self.aligned, "input_ids", "labels", *[c for c in ("position_ids", "length") if c in present]]
@@ -305,12 +305,14 @@ class TrainingColumns:
         kept = scored.kept_in_input
         offsets = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])[scored.offsets]
         lengths = np.diff(offsets)
-        values = {"labels": scored.filtered_labels[kept], "input_ids": scored.input_ids[kept]}
+        values = {"labels": scored.filtered_labels[kept], "length": lengths}
+        if "input_ids" in self.names:  # action: remove
+            values["input_ids"] = scored.input_ids[kept]
+            values["position_ids"] = np.arange(len(values["labels"]), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
         if self.aligned:
             rows = read_rows(self.dataset, self.aligned, first, first + count)
             for name in self.aligned:
                 values[name] = np.concatenate(rows[name])[kept] if count else kept[:0]
-        values["position_ids"] = np.arange(len(values["labels"]), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
         schema = self.features.arrow_schema
         columns = {}
         for name in self.names:
@@ -319,7 +321,7 @@ class TrainingColumns:
                 columns[name] = pa.array(lengths, type=arrow_type)
             else:
                 columns[name] = list_array(values[name], offsets, arrow_type)
-            self.digests[name].update(np.ascontiguousarray(values.get(name, lengths)).tobytes())
+            self.digests[name].update(np.ascontiguousarray(values[name]).tobytes())
         self.digests["(rows)"].update(lengths.tobytes())
         self.writer.write_table(pa.table(columns, schema=schema))
         self.rows += count
@@ -347,8 +349,8 @@ class TrainingColumns:
             if unchanged._indices is not None:  # (`concatenate_datasets` would flatten the new columns too: a copy)
                 unchanged = unchanged.flatten_indices()
             joined = concatenate_datasets([unchanged, columns], axis=1)
-        return joined.select_columns([*self.dataset.column_names, *[n for n in self.names if n not in kept
-                                                                     and n not in self.dataset.column_names]])
+        added = [name for name in self.names if name not in self.dataset.column_names]  # `labels`, at most
+        return joined.select_columns([*self.dataset.column_names, *added])
 
     def discard(self) -> None:
         """Drop what was written (the run failed)."""
